@@ -1,0 +1,353 @@
+"""Controls: a ControlNet + hint images + settings, and stacks of them, speaking `host.py`'s protocol.
+
+How one control turns the ControlNet's raw outputs `[down_0 .. down_{n-2}, mid]` (n residuals:
+SD1/SD2 13, SDXL 10) into what the UNet adds, in this order:
+
+1. gate: active only while the step's sigma lies in [sigma(end_percent), sigma(start_percent)],
+   both ends inclusive, with `percent_to_sigma` from the host (ComfyUI's `ControlNet.get_control`:
+   skipped when `t[0] > range[0] or t[0] < range[1]`). strength 0 is inactive (ComfyUI's apply
+   nodes attach no control at strength 0), so it equals no control exactly;
+2. which rows: `both` halves of a CFG batch (ComfyUI's ControlNetApplyAdvanced), or `cond-only`:
+   the ControlNet runs on the cond rows only and the uncond rows get zeros (lllyasviel's guess
+   mode, A1111's "ControlNet is more important", diffusers' guess_mode);
+3. global average pooling (optional; shuffle ControlNets): each residual replaced by its mean over
+   H, W. ComfyUI pools every row it computes; A1111 and diffusers also force cond-only for shuffle
+   models. We keep the two choices separate: pass apply_to="cond-only" to get the peers' behaviour;
+4. scale residual i by `strength * weight_i` (`residual_weights`);
+5. mask (optional, regional control): multiply by the mask resized to the residual's h, w — area
+   averaging when shrinking (each cell gets the fraction of it inside the region, so a region on
+   the block grid stays exactly 0/1), bilinear when enlarging (align_corners=False).
+
+Several controls add up: `ControlStack([a, b]).residuals(r)` is the sum of each control's residuals
+(ComfyUI's `control_merge`), and a control chained with `previous` (ComfyUI's
+`set_previous_controlnet`) is the stack of its chain.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ControlNetError, InputError
+from .hint import INTERPOLATIONS, RESIZE_MODES, check_choice, resize_hint, tile_to_batch, to_bchw
+from .host import COND, PercentToSigma, ResidualDict, StepRequest, unet_control
+from .model import ControlNet
+
+# lllyasviel/ControlNet gradio apps, guess mode: scales = [strength * 0.825 ** (12 - i) for i in 0..12].
+SOFT_BASE = 0.825
+WEIGHT_MODES = ("uniform", "soft", "diffusers")
+APPLY_TO = ("both", "cond-only")
+MAX_STRENGTH = 10.0
+
+# The modes users know, as (weights, apply_to). "guess mode" is lllyasviel's original name of what
+# A1111 calls "ControlNet is more important".
+MODES: dict[str, tuple[str, str]] = {
+    "balanced": ("uniform", "both"),
+    "prompt is more important": ("soft", "both"),
+    "controlnet is more important": ("soft", "cond-only"),
+    "guess mode": ("soft", "cond-only"),
+}
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    """How a control acts; validated on construction.
+
+    strength:       0..10, multiplies every residual;
+    start_percent, end_percent: 0..1 of the sampling schedule (in the model's time, as ComfyUI);
+    weights:        per-residual factors: "uniform" (all 1), "soft" (SOFT_BASE ** (n-1-i), see
+                    `residual_weights`), "diffusers" (logspace(-1, 0, n)), or one number per residual;
+    apply_to:       "both" halves of a CFG batch or "cond-only";
+    global_pool:    average each residual over H, W (shuffle ControlNets; see `default_global_pool`);
+    resize, interpolation: how the hint is brought to 8x the latent (hint.py); the defaults
+                    crop + nearest-exact reproduce ComfyUI.
+    """
+
+    strength: float = 1.0
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    weights: str | tuple[float, ...] = "uniform"
+    apply_to: str = "both"
+    global_pool: bool = False
+    resize: str = "crop"
+    interpolation: str = "nearest-exact"
+
+    def __post_init__(self) -> None:
+        _check_number("strength", self.strength, 0.0, MAX_STRENGTH)
+        _check_number("start_percent", self.start_percent, 0.0, 1.0)
+        _check_number("end_percent", self.end_percent, 0.0, 1.0)
+        if self.start_percent > self.end_percent:
+            raise InputError(
+                f"start_percent {self.start_percent} is after end_percent {self.end_percent}; the control "
+                "would never act. Make start_percent <= end_percent"
+            )
+        if isinstance(self.weights, str):
+            check_choice("weights", self.weights, WEIGHT_MODES)
+        else:
+            try:
+                values = tuple(float(w) for w in self.weights)
+            except (TypeError, ValueError):
+                raise InputError(
+                    f"weights must be one of {WEIGHT_MODES} or a list of numbers; got {self.weights!r}"
+                ) from None
+            if not values or not all(math.isfinite(w) for w in values):
+                raise InputError(f"weights must be a non-empty list of finite numbers; got {self.weights!r}")
+            object.__setattr__(self, "weights", values)
+        check_choice("apply_to", self.apply_to, APPLY_TO)
+        check_choice("resize mode", self.resize, RESIZE_MODES)
+        check_choice("interpolation", self.interpolation, INTERPOLATIONS)
+        if not isinstance(self.global_pool, bool):
+            raise InputError(f"global_pool must be True or False; got {self.global_pool!r}")
+
+    @classmethod
+    def from_mode(cls, mode: str, **overrides: object) -> "ControlSettings":
+        """Settings for a named mode ("balanced", "prompt is more important", "ControlNet is more
+        important", "guess mode"; case-insensitive) plus any other field."""
+        key = mode.strip().lower()
+        if key not in MODES:
+            raise InputError(f"unknown control mode {mode!r}; choose one of {', '.join(map(repr, MODES))}")
+        weights, apply_to = MODES[key]
+        return cls(**{"weights": weights, "apply_to": apply_to, **overrides})  # type: ignore[arg-type]
+
+
+def residual_weights(weights: str | Sequence[float], n: int, arch: str = "") -> list[float]:
+    """One factor per residual, i = 0 the first (highest-resolution) skip, i = n-1 the middle.
+
+    soft: SOFT_BASE ** (n-1-i). For SD1/SD2 (n = 13) this is lllyasviel's 0.825 ** (12 - i). For
+    SDXL (n = 10) peers differ: A1111 takes the first 10 of the 13 SD1 scales (middle 0.825**3), ACN
+    uses base ** (n-1-i) (middle 1.0). We follow ACN: the rule keeps its meaning (middle at full
+    strength, each shallower residual another x0.825) instead of depending on a list cut for
+    another architecture, and it is the same formula for every n.
+    diffusers: torch.logspace(-1, 0, n) (0.1 .. 1.0), as diffusers' ControlNetModel in guess mode.
+    """
+    if weights == "uniform":
+        return [1.0] * n
+    if weights == "soft":
+        return [SOFT_BASE ** (n - 1 - i) for i in range(n)]
+    if weights == "diffusers":
+        return torch.logspace(-1, 0, n).tolist()
+    values = [float(w) for w in weights]
+    if len(values) != n:
+        name = f"this {arch} ControlNet" if arch else "this ControlNet"
+        raise InputError(
+            f"{len(values)} weights given but {name} has {n} residuals ({n - 1} skips + middle); give one "
+            "weight per residual, the first skip first and the middle last"
+        )
+    return values
+
+
+def default_global_pool(name: str) -> bool:
+    """True for ControlNet 1.1 shuffle files (name ends in `_shuffle` or `_shuffle_fp16` before the
+    extension), the rule ComfyUI's `load_controlnet` uses; case-insensitive here."""
+    stem = os.path.splitext(os.path.basename(str(name)))[0].lower()
+    return stem.endswith("_shuffle") or stem.endswith("_shuffle_fp16")
+
+
+class Control:
+    """A loaded ControlNet + its hint images + settings (+ an optional mask and previous control).
+
+    hint: (B, H, W, C) or (B, C, H, W) float in [0, 1], any size; mask: (B or 1, H, W) in [0, 1].
+    """
+
+    def __init__(
+        self,
+        net: ControlNet,
+        hint: torch.Tensor,
+        settings: ControlSettings | None = None,
+        *,
+        mask: torch.Tensor | None = None,
+        previous: "Control | None" = None,
+    ):
+        self.net = net
+        self.settings = settings if settings is not None else ControlSettings()
+        self.hint = to_bchw(hint, net.config.hint_channels)
+        self.mask = None if mask is None else _check_mask(mask)
+        self.weights = residual_weights(self.settings.weights, net.config.num_outputs, net.arch)
+        self.previous: Control | None = None
+        self.sigma_range: tuple[float, float] | None = None  # (sigma_start, sigma_end), set by pre_run
+        self._cache: dict[tuple, torch.Tensor] = {}  # hint embeddings and resized masks of this run
+        if previous is not None:
+            self.set_previous(previous)
+
+    @property
+    def arch(self) -> str:
+        return self.net.arch
+
+    def set_previous(self, previous: "Control | None") -> "Control":
+        """Chain: this control's residuals are added to those of `previous` (and its chain)."""
+        if previous is not None:
+            if any(c is self for c in previous.chain()):
+                raise InputError("chaining this control to itself would make a loop")
+            ControlStack([self, previous])  # raises if the architectures differ
+        self.previous = previous
+        return self
+
+    def chain(self) -> Iterator["Control"]:
+        """This control and the ones it is chained to, newest first."""
+        c: Control | None = self
+        while c is not None:
+            yield c
+            c = c.previous
+
+    def pre_run(self, percent_to_sigma: PercentToSigma) -> None:
+        """Start a sampling run for this control and its chain (see `host.py`)."""
+        for c in self.chain():
+            c.start_run(percent_to_sigma)
+
+    def start_run(self, percent_to_sigma: PercentToSigma) -> None:
+        """This control alone: fix the active sigma range and drop last run's cached hint embedding."""
+        s = self.settings
+        self.sigma_range = (float(percent_to_sigma(s.start_percent)), float(percent_to_sigma(s.end_percent)))
+        self._cache.clear()
+
+    def residuals(self, request: StepRequest) -> ResidualDict | None:
+        """The UNet's control dict for this control and its chain, or None when none is active."""
+        return ControlStack([self]).residuals(request)
+
+    def is_active(self, sigma: float) -> bool:
+        if self.sigma_range is None:
+            raise ControlNetError(
+                "the control has no sigma range yet; the host must call pre_run(percent_to_sigma) at the "
+                "start of every sampling run"
+            )
+        sigma_start, sigma_end = self.sigma_range
+        return self.settings.strength != 0 and sigma_end <= sigma <= sigma_start
+
+    def own_residuals(self, request: StepRequest) -> list[torch.Tensor] | None:
+        """This control alone (not its chain): `[down_0 .. down_{n-2}, mid]` for the whole batch, or
+        None when it does not act on this call."""
+        s = self.settings
+        if not self.is_active(float(request.sigma[0])):
+            return None
+        x = request.x
+        batch, chunks = x.shape[0], len(request.cond_or_uncond)
+        rows = None
+        if s.apply_to == "cond-only":
+            rows = request.rows(COND)
+            if len(rows) == 0:  # an uncond-only call: nothing to add
+                return None
+            if len(rows) == batch:
+                rows = None
+        emb = tile_to_batch(self.hint_embedding(x.shape[-2], x.shape[-1], x.device), batch, chunks)
+        t, context, y = request.timesteps, request.context, request.y
+        if rows is not None:
+            x, t = x[rows], t[rows]
+            emb, context = _take(emb, rows, batch), _take(context, rows, batch)
+            y = None if y is None else _take(y, rows, batch)
+        down, mid = self.net(x, None, t, context, y, hint_embedding=emb)
+        out = []
+        for r, w in zip([*down, mid], self.weights):
+            if s.global_pool:
+                r = r.mean(dim=(2, 3), keepdim=True).expand_as(r)
+            r = r * (s.strength * w)
+            if rows is not None:
+                full = r.new_zeros((batch, *r.shape[1:]))
+                full[rows] = r
+                r = full
+            if self.mask is not None:
+                r = r * self._mask_at(r, batch, chunks)
+            out.append(r)
+        return out
+
+    def hint_embedding(self, h: int, w: int, device: torch.device | str) -> torch.Tensor:
+        """The hint encoder's output for a latent of h x w, computed once per run (it does not depend
+        on the timestep) and kept per size/device/dtype until the next `pre_run`."""
+        key = ("hint", h, w, str(device), self.net.dtype)
+        if key not in self._cache:
+            s = self.settings
+            hint = resize_hint(self.hint, 8 * h, 8 * w, s.resize, s.interpolation)
+            self._cache[key] = self.net.embed_hint(hint.to(device))
+        return self._cache[key]
+
+    def _mask_at(self, r: torch.Tensor, batch: int, chunks: int) -> torch.Tensor:
+        h, w = r.shape[-2:]
+        key = ("mask", h, w, str(r.device), r.dtype)
+        if key not in self._cache:
+            m = self.mask[:, None].to(r.device)
+            if (h, w) != tuple(m.shape[-2:]):
+                if h <= m.shape[-2] and w <= m.shape[-1]:
+                    m = F.interpolate(m, size=(h, w), mode="area")
+                else:
+                    m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+            self._cache[key] = m.to(r.dtype)
+        return tile_to_batch(self._cache[key], batch, chunks, what="mask")
+
+
+class ControlStack:
+    """Several controls evaluated in one call; their residuals add up. Chains are flattened (each
+    control counted once), so a stack of chained controls is not evaluated twice."""
+
+    def __init__(self, controls: Sequence[Control]):
+        flat: list[Control] = []
+        for top in controls:
+            for c in reversed(list(top.chain())):  # oldest first, as ComfyUI's `prev + own`
+                if not any(c is f for f in flat):
+                    flat.append(c)
+        self.controls = flat
+        if len({_layout(c) for c in flat}) > 1:
+            names = ", ".join(f"control {i + 1} is {_describe(c)}" for i, c in enumerate(flat))
+            raise InputError(
+                f"controls of different architectures cannot be combined ({names}); use ControlNets made "
+                "for the same base model"
+            )
+
+    @property
+    def arch(self) -> str | None:
+        return self.controls[0].arch if self.controls else None
+
+    def pre_run(self, percent_to_sigma: PercentToSigma) -> None:
+        for c in self.controls:
+            c.start_run(percent_to_sigma)
+
+    def residuals(self, request: StepRequest) -> ResidualDict | None:
+        total: list[torch.Tensor] | None = None
+        for c in self.controls:
+            out = c.own_residuals(request)
+            if out is None:
+                continue
+            total = out if total is None else [a + b for a, b in zip(total, out)]
+        if total is None:
+            return None
+        return unet_control(total[:-1], total[-1])
+
+
+def _take(t: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """The selected rows of a per-row tensor; a batch-1 tensor broadcasts and stays as is."""
+    return t[rows] if t.shape[0] == batch else t
+
+
+def _layout(c: Control) -> tuple:
+    cfg = c.net.config
+    return (cfg.arch, cfg.model_channels, cfg.channel_mult, cfg.num_res_blocks)
+
+
+def _describe(c: Control) -> str:
+    cfg = c.net.config
+    return f"{cfg.arch} (width {cfg.model_channels}, {cfg.num_outputs} residuals)"
+
+
+def _check_number(name: str, value: object, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{name} must be a number from {lo:g} to {hi:g}; got {value!r}")
+    if not lo <= value <= hi:
+        raise InputError(f"{name} {value:g} is out of range; use a value from {lo:g} to {hi:g}")
+
+
+def _check_mask(mask: torch.Tensor) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 3:
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise InputError(
+            f"the mask must be (batch, height, width) like ComfyUI's MASK; got {got}; use mask[None] for a "
+            "single (height, width) mask"
+        )
+    if mask.shape[0] == 0 or mask.shape[1] == 0 or mask.shape[2] == 0:
+        raise InputError(f"the mask is empty: shape {tuple(mask.shape)}")
+    mask = mask.float()
+    if not torch.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
+        raise InputError("the mask must hold values from 0 to 1 (no NaN/Inf); rescale it")
+    return mask

@@ -1,0 +1,118 @@
+"""Which kind of file a key set is: the supported ControlNet layouts, and every other family named.
+
+A file of another family must fail with its name ("this is a T2I-Adapter"), never be half-read
+as a ControlNet. The tell-tale keys follow what the hosts use to tell families apart (ComfyUI's
+`load_controlnet_state_dict`, ComfyUI-Advanced-ControlNet), checked most specific first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ..errors import LoadError, UnsupportedFamilyError
+
+ORIGINAL_PREFIX = "control_model."
+
+# Supported layouts returned by `detect_format`.
+ORIGINAL = "original"                     # lllyasviel v1.1 / unprefixed LDM names (our native names)
+ORIGINAL_PREFIXED = "original-prefixed"   # lllyasviel v1.0 `control_model.` prefix
+DIFFUSERS = "diffusers"
+
+
+def _any(keys: Iterable[str], pred) -> bool:
+    return any(pred(k) for k in keys)
+
+
+def _unsupported_family(keys: set[str]) -> str | None:
+    """Name of a recognised control-model family that we do not run, else None."""
+    has = keys.__contains__
+    if has("style_embedding"):  # before Union: the style adapter also has `transformer_layes`
+        return "a T2I-Adapter (style)"
+    if has("after_proj_list.18.bias"):
+        return "a HunyuanDiT ControlNet"
+    if has("lora_controlnet") or _any(keys, lambda k: k.startswith("lora_controlnet")):
+        return "a Control-LoRA (Stability AI)"
+    if _any(keys, lambda k: "lllite" in k):
+        return "a ControlNet-LLLite"
+    if _any(keys, lambda k: k.startswith("task_embedding") or k.startswith("control_add_embedding.")
+            or ".transformer_layes." in k or k.startswith("transformer_layes.")
+            or k.startswith("control_model.task_embedding")):
+        return "a ControlNet Union / ProMax (controlnet_union)"
+    if has("controlnet_blocks.0.y_rms.weight"):
+        return "a Qwen-Image block-wise ControlNet (DiffSynth)"
+    if has("controlnet_blocks.0.linear.weight"):
+        return "a Flux ControlNet (MistoLine)"
+    if has("controlnet_blocks.0.weight") or _any(keys, lambda k: k.startswith("controlnet_blocks.")):
+        if has("double_blocks.0.img_attn.norm.key_norm.scale"):
+            return "a Flux ControlNet (XLabs)"
+        if has("controlnet_x_embedder.weight"):
+            return "a Flux ControlNet (InstantX/Shakker)"
+        if has("transformer_blocks.0.img_mlp.net.0.proj.weight"):
+            return "a Qwen-Image ControlNet (InstantX)"
+        if has("pos_embed_input.proj.weight"):
+            return "an SD3 / SD3.5 ControlNet"
+        return "a DiT ControlNet (SD3 / Flux family)"
+    if _any(keys, lambda k: "motion_modules" in k):
+        return "a SparseCtrl / AnimateDiff motion model"
+    if _any(keys, lambda k: "temporal_res_block" in k):
+        return "an SVD ControlNet"
+    if _any(keys, lambda k: "lora_layer" in k) and _any(keys, lambda k: "zero_convs" in k or "controlnet" in k):
+        return "a CtrLoRA"
+    if _any(keys, lambda k: k.startswith("adapter.") or k.startswith("body.")):
+        return "a T2I-Adapter (light)" if "body.0.in_conv.weight" in keys else "a T2I-Adapter"
+    if has("backbone.0.0.weight") or has("backbone.10.blocks.0.weight"):
+        return "a Stable Cascade ControlNet"
+    if has(ORIGINAL_PREFIX + "zero_convs.0.0.weight") and has("difference"):
+        return "a Diff-ControlNet (weights stored as a difference to the base model)"
+    return None
+
+
+def _not_a_controlnet(keys: set[str]) -> str | None:
+    """What a non-ControlNet file is, if it looks like something well known."""
+    if _any(keys, lambda k: k.startswith("model.diffusion_model.")):
+        return "a full Stable Diffusion checkpoint (UNet + VAE + text encoder), not a ControlNet; load it with a checkpoint loader"
+    if _any(keys, lambda k: ("lora_up" in k or "lora_down" in k or "lora_A" in k or "lora_B" in k
+                              or k.startswith("lora_unet_") or k.startswith("lora_te") or k.endswith(".alpha"))):
+        return "a LoRA, not a ControlNet; load it with a LoRA loader"
+    if (_any(keys, lambda k: k.startswith("encoder.conv_in.") or k.startswith("first_stage_model."))
+            and _any(keys, lambda k: k.startswith("decoder.") or k.startswith("first_stage_model."))):
+        return "a VAE, not a ControlNet; load it with a VAE loader"
+    if _any(keys, lambda k: ("text_model.encoder." in k or k.startswith("cond_stage_model.")
+                              or k.startswith("conditioner.embedders") or k.startswith("encoder.block.0.layer")
+                              or k.startswith("shared.weight") or "token_embedding" in k)):
+        return "a text encoder (CLIP/T5), not a ControlNet; load it with a CLIP loader"
+    if _any(keys, lambda k: k.startswith("up_blocks.")) and "conv_in.weight" in keys:
+        return "a diffusers UNet, not a ControlNet; load it with a UNet loader"
+    if _any(keys, lambda k: k.startswith("output_blocks.") or k.startswith("out.0.")):
+        return "a Stable Diffusion UNet, not a ControlNet; load it with a UNet loader"
+    return None
+
+
+def detect_format(keys: Iterable[str], name: str) -> str:
+    """One of ORIGINAL, ORIGINAL_PREFIXED, DIFFUSERS; otherwise a LoadError that names what it is.
+
+    `name` is the file name used in the message.
+    """
+    keys = set(keys)
+    if not keys:
+        raise LoadError(f"{name}: holds no tensors at all; it is not a model checkpoint")
+    family = _unsupported_family(keys)
+    if family is not None:
+        raise UnsupportedFamilyError(
+            f"{name}: this is {family}; that family is recognised but not yet supported by "
+            "ControlNet Core. Load it with ComfyUI's own ControlNet loader instead"
+        )
+    if "controlnet_cond_embedding.conv_in.weight" in keys:
+        return DIFFUSERS
+    if ORIGINAL_PREFIX + "zero_convs.0.0.weight" in keys:
+        return ORIGINAL_PREFIXED
+    if "zero_convs.0.0.weight" in keys:
+        return ORIGINAL
+    what = _not_a_controlnet(keys)
+    if what is not None:
+        raise LoadError(f"{name}: this is {what}")
+    some = ", ".join(sorted(keys)[:4])
+    raise LoadError(
+        f"{name}: is not a ControlNet: it has none of the keys a ControlNet has "
+        f"(zero_convs.*, controlnet_cond_embedding.*); first keys: {some}"
+    )
