@@ -2,10 +2,11 @@
 
 from .config import PRESETS, SD15, SD21, SDXL, ControlNetConfig
 from .errors import ControlNetError, InputError, LoadError, UnsupportedFamilyError
+from .loader import infer_config, load_controlnet, save_controlnet
 from .model import ControlNet
 
 __all__ = [
     "PRESETS", "SD15", "SD21", "SDXL", "ControlNetConfig",
     "ControlNetError", "InputError", "LoadError", "UnsupportedFamilyError",
-    "ControlNet",
+    "ControlNet", "load_controlnet", "save_controlnet", "infer_config",
 ]
