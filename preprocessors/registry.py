@@ -1,0 +1,374 @@
+"""The method registry and `run`, the one entry point the node (and scripts) call.
+
+Parameters
+----------
+`PARAMS` is the ordered union of every method's parameters. The ComfyUI node makes one widget per
+entry, in this order, and passes all of them to `run`; a method reads the ones it lists in
+`Method.params` and ignores the rest. The order is part of saved workflows: never reorder or
+remove an entry, only append.
+
+Working resolution
+------------------
+Methods that look at structure (edges, lines, cells) work on the image resized so its short side is
+`resolution` (area when shrinking, bicubic when growing), and their hint is resized back to the input
+size (area / bilinear), so hints look alike whatever the input size. `pixel_perfect=True` with
+`target_hw` (the latent size x 8) instead picks the resolution at which the image, scaled to cover
+the target (ComfyUI's crop fit), has the target's pixel size. Pixel-wise methods (threshold,
+invert, grayscale, inpaint: `Method.native_size`) ignore both and work at the input size, exactly.
+
+Methods that need weights (a later addition; none today)
+-------------------------------------------------------
+This package never downloads anything. A method that needs a model sets `Method.load_weights`, a
+function `Path -> model` (it may import torch or onnxruntime *inside* itself, so importing this
+package stays numpy-only), and documents in `Method.weights_doc` which file the user must fetch
+themselves. `run(..., weights_path=...)` then loads the file once (cached by path, size and mtime)
+and calls `fn(frame, model=model, **params)`; without `weights_path`, or with a missing file, it
+raises a PreprocessorError that quotes `weights_doc`. New methods are added with `register(...)`.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import methods as M
+from .errors import PreprocessorError
+from .image import (
+    MAX_RESOLUTION,
+    MIN_RESOLUTION,
+    as_image_array,
+    frame_to_float,
+    pixel_perfect_resolution,
+    resize,
+    resize_back,
+    to_mask_batch,
+    working_size,
+)
+
+KINDS = ("int", "float", "bool", "choice")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One method parameter, i.e. one node widget. `kind` is "int", "float", "bool" or "choice"."""
+
+    name: str
+    kind: str
+    default: Any
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    choices: tuple = ()
+    tooltip: str = ""
+
+    def check(self, value, method: str):
+        """The value, validated (and an int given as 3.0 made 3); PreprocessorError otherwise."""
+        bad = None
+        if self.kind == "bool":
+            if isinstance(value, (bool, np.bool_)):
+                return bool(value)
+            bad = "true or false"
+        elif self.kind == "choice":
+            if value in self.choices:
+                return value
+            bad = "one of " + ", ".join(repr(c) for c in self.choices)
+        else:
+            ok_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+            ok_float = isinstance(value, (float, np.floating)) and np.isfinite(value)
+            if self.kind == "int" and ok_float and float(value).is_integer():
+                value, ok_float, ok_int = int(value), False, True
+            if self.kind == "int" and not ok_int:
+                bad = "a whole number"
+            elif self.kind == "float" and not (ok_int or ok_float):
+                bad = "a number"
+            else:
+                value = int(value) if self.kind == "int" else float(value)
+                if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
+                    bad = f"between {self.min} and {self.max}"
+                else:
+                    return value
+        raise PreprocessorError(f"{method}: parameter {self.name!r} must be {bad}; got {value!r}")
+
+
+PARAMS: tuple[Param, ...] = (
+    Param("low_threshold", "int", 100, 0, 255, 1,
+          tooltip="canny: gradient below this is never an edge (0-255 grey levels)"),
+    Param("high_threshold", "int", 200, 0, 255, 1,
+          tooltip="canny: gradient above this is always an edge; between the two, only if connected to one"),
+    Param("auto_threshold", "bool", False,
+          tooltip="canny: ignore the two thresholds and use (0.67, 1.33) x the median grey level"),
+    Param("blur", "float", 0.0, 0.0, 32.0, 0.1,
+          tooltip="canny, threshold, tile: Gaussian blur sigma in pixels (at the working resolution); 0 = none"),
+    Param("threshold", "float", 0.5, 0.0, 1.0, 0.01,
+          tooltip="threshold: luma cut (white at or above); scribble: cut on the soft-edge map, or on luma "
+                  "for a drawing"),
+    Param("sigma", "float", 1.0, 0.3, 16.0, 0.1,
+          tooltip="softedge, scribble, lineart: scale of the edges/lines looked for, in pixels"),
+    Param("contrast", "float", 0.05, 0.005, 1.0, 0.005,
+          tooltip="lineart: how much darker than its surroundings (0-1) a line must be; full white at 2x"),
+    Param("thickness", "int", 3, 1, 64, 1, tooltip="scribble: stroke width in pixels (from an image)"),
+    Param("drawn", "bool", False,
+          tooltip="scribble: the input is a user drawing; only binarise it (inverted if dark strokes on white)"),
+    Param("min_length", "float", 0.03, 0.0, 1.0, 0.005,
+          tooltip="lines: shortest segment kept, as a fraction of the short side"),
+    Param("detector", "choice", "auto", choices=("auto", "lsd", "hough"),
+          tooltip="lines: OpenCV's LSD (auto when this OpenCV has it) or probabilistic Hough on Canny edges"),
+    Param("downsample", "float", 2.0, 1.0, 64.0, 0.1,
+          tooltip="tile: shrink by this factor, then scale back up (bicubic); 1 = no shrink"),
+    Param("grid", "int", 8, 1, 512, 1,
+          tooltip="color_grid, shuffle: number of cells along the short side"),
+    Param("seed", "int", 0, 0, 2**32 - 1, 1, tooltip="shuffle: random seed (same seed, same shuffle)"),
+)
+_PARAM_BY_NAME = {p.name: p for p in PARAMS}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered hint maker.
+
+    fn: per frame `fn(frame (h, w, 3) float32 in [0, 1], **params) -> (h, w) or (h, w, 3) float32`,
+        or with `batched=True` the same on a whole (N, h, w, 3) batch. Inpaint-style methods
+        (`needs_mask`) also get `mask=` (N, h, w) float32 (batched) or (h, w) (per frame).
+    params: the names (from PARAMS) passed to fn as keywords.
+    feeds: the public ControlNet(s) the hint is for.
+    native_size: works at the input size (pixel-wise); `resolution` / `pixel_perfect` are ignored.
+    load_weights / weights_doc: see the module docstring; None for methods that need no weights.
+    """
+
+    name: str
+    fn: Callable[..., np.ndarray]
+    params: tuple[str, ...]
+    feeds: str
+    needs_mask: bool = False
+    doc: str = ""
+    native_size: bool = False
+    batched: bool = False
+    load_weights: Callable[[Path], Any] | None = None
+    weights_doc: str = ""
+
+    def __post_init__(self):
+        unknown = [p for p in self.params if p not in _PARAM_BY_NAME]
+        if unknown:
+            raise PreprocessorError(
+                f"method {self.name!r} uses parameters {unknown} that are not in PARAMS; append them to PARAMS"
+            )
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method, *, replace: bool = False) -> Method:
+    """Add a method to the registry (at the end of `list_methods()`)."""
+    if method.name in METHODS and not replace:
+        raise PreprocessorError(f"a method named {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def list_methods() -> list[str]:
+    """Method names in a stable order, canny first."""
+    return list(METHODS)
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        raise PreprocessorError(
+            f"unknown preprocessor {name!r}; available: {', '.join(METHODS)}"
+        ) from None
+
+
+_weights_cache: dict[tuple, Any] = {}
+
+
+def _model_for(method: Method, weights_path) -> Any:
+    if weights_path is None or str(weights_path) == "":
+        raise PreprocessorError(
+            f"{method.name} needs a weights file that you provide (nothing is downloaded): "
+            f"{method.weights_doc or 'see the method documentation'}; pass its path as weights_path"
+        )
+    path = Path(os.fspath(weights_path)).expanduser()
+    if not path.is_file():
+        raise PreprocessorError(
+            f"{method.name}: weights file {str(path)!r} does not exist; {method.weights_doc}"
+        )
+    st = path.stat()
+    key = (method.name, str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _weights_cache:
+        for k in [k for k in _weights_cache if k[:2] == key[:2]]:
+            del _weights_cache[k]  # the file changed: drop the stale model
+        _weights_cache[key] = method.load_weights(path)
+    return _weights_cache[key]
+
+
+def _as_rgb(out: np.ndarray, shape: tuple, name: str) -> np.ndarray:
+    out = np.asarray(out, dtype=np.float32)
+    if out.shape == shape[:-1]:
+        out = np.repeat(out[..., None], 3, axis=-1)
+    if out.shape != shape:
+        raise PreprocessorError(f"method {name!r} returned shape {out.shape}, expected {shape}")
+    return out
+
+
+def run(
+    method: str,
+    images,
+    *,
+    resolution: int = 512,
+    pixel_perfect: bool = False,
+    target_hw: tuple[int, int] | None = None,
+    mask=None,
+    weights_path=None,
+    **params,
+) -> np.ndarray:
+    """Make hints: float32 (N, H, W, 3) in [0, 1] at the input size (always 4-D; N = 1 for one image).
+
+    images: (N, H, W, C) or (H, W, C) (or (H, W) grey); uint8, uint16, bool or float in [0, 1];
+    C = 1, 3 or 4 (alpha dropped). mask: for methods with needs_mask, (H, W) / (N or 1, H, W)
+    [/ (.., 1)], >= 0.5 = masked. The inpaint hint holds exactly -1.0 at masked pixels.
+    Every frame is processed alone, so a batch gives the same hints as one call per frame.
+    """
+    m = get_method(method)
+    unknown = sorted(k for k in params if k not in _PARAM_BY_NAME)
+    if unknown:
+        raise PreprocessorError(
+            f"unknown parameter(s) {', '.join(map(repr, unknown))} for preprocessors; known: "
+            f"{', '.join(p.name for p in PARAMS)}"
+        )
+    kw = {}
+    for name in m.params:
+        p = _PARAM_BY_NAME[name]
+        kw[name] = p.check(params[name], m.name) if name in params else p.default
+
+    raw = as_image_array(images)
+    n, h, w, _ = raw.shape
+    if m.needs_mask:
+        kw["mask"] = to_mask_batch(mask, n, h, w)
+    if m.load_weights is not None:
+        kw["model"] = _model_for(m, weights_path)
+
+    if m.native_size:
+        wh, ww = h, w
+    else:
+        if pixel_perfect:
+            if target_hw is None:
+                raise PreprocessorError(
+                    "pixel_perfect needs target_hw, the (height, width) the hint will be used at (latent x 8); "
+                    "pass it or turn pixel_perfect off"
+                )
+            resolution = pixel_perfect_resolution(h, w, target_hw)
+        if isinstance(resolution, (bool, np.bool_)) or not isinstance(resolution, (int, np.integer, float)):
+            raise PreprocessorError(f"resolution must be a whole number of pixels; got {resolution!r}")
+        resolution = int(round(resolution))
+        if not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
+            raise PreprocessorError(
+                f"resolution {resolution} is out of range; use {MIN_RESOLUTION} to {MAX_RESOLUTION} pixels "
+                "(the short side the method works at)"
+            )
+        wh, ww = working_size(h, w, resolution)
+
+    out = [None] * n
+
+    def one(i: int) -> None:
+        # The whole chain per frame: the working set stays in cache, and frames run in parallel
+        # (OpenCV and large numpy operations release the GIL). Frames never interact, so the
+        # result does not depend on the batch or the thread that made it.
+        work = resize(frame_to_float(raw[i : i + 1]), wh, ww)
+        frame_kw = dict(kw)
+        if m.needs_mask:
+            frame_kw["mask"] = kw["mask"][i : i + 1] if m.batched else kw["mask"][i]
+        r = m.fn(work, **frame_kw) if m.batched else m.fn(work[0], **frame_kw)[None]
+        out[i] = resize_back(_as_rgb(r, work.shape, m.name), h, w)
+
+    workers = min(n, _threads())
+    if workers <= 1:
+        for i in range(n):
+            one(i)
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="preprocessors") as pool:
+            list(pool.map(one, range(n)))  # re-raises the first error
+    return np.ascontiguousarray(out[0]) if n == 1 else np.concatenate(out)
+
+
+def _threads() -> int:
+    """Frames processed at once: PREPROCESSOR_THREADS, else the usable CPU cores (at most 8)."""
+    env = os.environ.get("PREPROCESSOR_THREADS", "")
+    if env.strip().isdigit() and int(env) >= 1:
+        return int(env)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def _builtin(name, fn, params, feeds, doc, **extra):
+    register(Method(name=name, fn=fn, params=tuple(params), feeds=feeds, doc=doc, **extra))
+
+
+_builtin(
+    "canny", M.canny_method, ("low_threshold", "high_threshold", "blur", "auto_threshold"),
+    "control_v11p_sd15_canny, control_sd15_canny, diffusers/controlnet-canny-sdxl-1.0, t2iadapter_canny",
+    "Canny edges, white on black: OpenCV grey, optional Gaussian pre-blur, cv2.Canny(low, high); "
+    "auto_threshold uses (0.67, 1.33) x the median grey level.",
+)
+_builtin(
+    "softedge", M.softedge_method, ("sigma",),
+    "control_v11p_sd15_softedge, control_sd15_hed (HED/PiDiNet-style soft edges)",
+    "Multi-scale gradient magnitude (sigma x 1, 2, 4, scale-normalised), the strongest edge white.",
+)
+_builtin(
+    "scribble", M.scribble_method, ("sigma", "threshold", "thickness", "drawn"),
+    "control_v11p_sd15_scribble, control_sd15_scribble, t2iadapter_sketch",
+    "Thick binary white strokes: soft edges >= threshold, dilated to `thickness`. With drawn=True the "
+    "input is a user drawing: only binarised at `threshold`, and inverted when it is dark strokes on white.",
+)
+_builtin(
+    "lineart", M.lineart_method, ("sigma", "contrast"),
+    "control_v11p_sd15_lineart, control_v11p_sd15s2_lineart_anime",
+    "Dark lines of the image as white lines on black: black top-hat (closing minus image, disk of about "
+    "6 sigma px) after a sigma/2 blur; black below `contrast` darkness, white from 2 x contrast.",
+)
+_builtin(
+    "threshold", M.threshold_method, ("threshold", "blur"), "any (utility): binary masks / hints",
+    "White where the BT.601 luma (after an optional blur) is >= threshold, black elsewhere.",
+    native_size=True, batched=True,
+)
+_builtin(
+    "invert", M.invert_method, (), "any (utility): e.g. black-on-white line art to white-on-black",
+    "1 - x on every RGB channel.", native_size=True, batched=True,
+)
+_builtin(
+    "grayscale", M.grayscale_method, (), "any (utility)",
+    "ITU-R BT.601 luma 0.299 R + 0.587 G + 0.114 B on all three channels.", native_size=True, batched=True,
+)
+_builtin(
+    "tile", M.tile_method, ("downsample", "blur"), "control_v11f1e_sd15_tile, SDXL tile ControlNets",
+    "The image shrunk by `downsample` (area) and scaled back (bicubic), optionally blurred.",
+)
+_builtin(
+    "color_grid", M.color_grid_method, ("grid",), "t2iadapter_color_sd14v1 (T2I colour adapter)",
+    "Coarse colour map: the mean colour of each of `grid` cells along the short side, as flat blocks.",
+)
+_builtin(
+    "shuffle", M.shuffle_method, ("grid", "seed"), "control_v11e_sd15_shuffle",
+    "Content shuffle: square cells permuted, rotated and mirrored at random from `seed` (a permutation of "
+    "the pixels; the same seed gives the same shuffle for every frame).",
+)
+_builtin(
+    "inpaint", M.inpaint_method, (), "control_v11p_sd15_inpaint",
+    "The image with masked pixels (mask >= 0.5) set to exactly -1.0, the sentinel the inpaint ControlNet "
+    "was trained with; it passes the hint pipeline unclipped.",
+    needs_mask=True, native_size=True, batched=True,
+)
+_builtin(
+    "lines", M.lines_method, ("min_length", "detector"), "control_v11p_sd15_mlsd, control_sd15_mlsd",
+    "Straight line segments (OpenCV LSD, else probabilistic Hough on Canny edges) longer than "
+    "min_length x short side, drawn 1 px (per 512 px) white on black; no M-LSD weights needed.",
+)
