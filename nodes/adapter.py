@@ -1,0 +1,311 @@
+"""The ComfyUI adapter: the only module of the pack that imports ComfyUI (`comfy.*`, `folder_paths`),
+always inside functions, so `import comfyui_controlnet_core` works without ComfyUI.
+
+* `control_class()`     our control object class: `CoreControlMixin` + ComfyUI's `ControlBase`.
+* `load_control(name)`  a file from the `controlnet` model folders -> that object (CONTROL_NET):
+                        layers built with `comfy.ops` on ComfyUI's offload device and dtype, weights
+                        held by a `ModelPatcher`, so ComfyUI loads/offloads them with the UNet,
+                        counts their memory and can load them partially (--lowvram).
+* `apply_control(...)`  what CNCore_ApplyControlNet does (see its docstring).
+
+Interop: our object works in ComfyUI's ControlNetApplyAdvanced (it speaks `set_cond_hint`, `copy`,
+`set_previous_controlnet`, ...). A ControlNet loaded by ComfyUI's ControlNetLoader works in our
+apply node: with the default options it is applied exactly as ControlNetApplyAdvanced does; with a
+mask, another control mode, resize mode or a stack, an SD1.x/SD2.x/SDXL ControlNet is converted to
+ours (its weights are shared, not copied); other families then get a plain error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..controlnet_core.control import ControlSettings, default_global_pool
+from ..controlnet_core.errors import ControlNetError, InputError, LoadError, UnsupportedFamilyError
+from ..controlnet_core.hint import to_bchw
+from ..controlnet_core.loader import load_controlnet
+from .control_object import (
+    DEFAULT_INTERPOLATION,
+    DEFAULT_MODE,
+    DEFAULT_RESIZE,
+    BoundEntry,
+    CoreControlMixin,
+    NetHandle,
+    StackEntry,
+    family_of_width,
+    normalize_mask,
+)
+
+log = logging.getLogger(__name__)
+FOLDER = "controlnet"
+
+_CLASS: type | None = None
+_converted: "weakref.WeakKeyDictionary[Any, NetHandle]" = weakref.WeakKeyDictionary()
+
+
+def control_class() -> type:
+    """`CoreControlMixin` on ComfyUI's `comfy.controlnet.ControlBase` (built once, on first use)."""
+    global _CLASS
+    if _CLASS is None:
+        import comfy.controlnet
+
+        _CLASS = type("CNCoreControlNet", (CoreControlMixin, comfy.controlnet.ControlBase), {
+            "__module__": __name__,
+            "__doc__": "A controlnet_core ControlNet speaking ComfyUI's control protocol.",
+        })
+    return _CLASS
+
+
+def is_core_control(obj: Any) -> bool:
+    return getattr(obj, "cncore", False) is True and isinstance(getattr(obj, "handle", None), NetHandle)
+
+
+class NetHolder(nn.Module):
+    """What the ModelPatcher manages: it writes `device` and friends onto its module, which our
+    ControlNet exposes as read-only properties, so the net sits inside this plain holder."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def get_dtype(self) -> torch.dtype:
+        return self.net.dtype
+
+
+# ------------------------------------------------------------------------------------------
+# model files
+
+def controlnet_names() -> list[str]:
+    """Files in ComfyUI's `controlnet` folders (and extra model paths); [] without ComfyUI."""
+    try:
+        import folder_paths
+    except ImportError:
+        return []
+    return folder_paths.get_filename_list(FOLDER)
+
+
+def resolve_model_path(name: Any) -> str:
+    """The full path of a file listed in the `controlnet` folders; anything else is refused."""
+    if not isinstance(name, str) or not name.strip():
+        raise LoadError("choose a ControlNet file from the list (the name is empty)")
+    parts = re.split(r"[\\/]+", name)
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+        raise LoadError(
+            f"refusing to load {name!r}: only files inside ComfyUI's controlnet model folders can be loaded; "
+            "give a name from the list (no absolute paths, no '..')"
+        )
+    import folder_paths
+
+    path = folder_paths.get_full_path(FOLDER, name)
+    roots = [os.path.abspath(r) for r in folder_paths.get_folder_paths(FOLDER)]
+    if path is None:
+        raise LoadError(
+            f"the ControlNet {name!r} was not found in the controlnet model folders ({', '.join(roots)}); put "
+            "the file there and press Refresh (R) in ComfyUI"
+        )
+    full = os.path.abspath(path)
+    if not any(os.path.commonpath([full, r]) == r for r in roots):
+        raise LoadError(f"refusing to load {name!r}: it resolves outside the controlnet model folders")
+    return full
+
+
+def _dtype_and_devices() -> tuple[torch.dtype, Any, Any]:
+    import comfy.model_management as mm
+
+    load_device = mm.get_torch_device()
+    dtype = mm.unet_dtype(supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])
+    compute = mm.unet_manual_cast(dtype, load_device)
+    if compute is not None:  # weights are kept in the dtype the device computes in
+        dtype = compute
+    return dtype, load_device, mm.unet_offload_device()
+
+
+def _make_handle(net: nn.Module, name: str, load_device: Any, offload_device: Any) -> NetHandle:
+    import comfy.model_patcher
+
+    patcher = comfy.model_patcher.ModelPatcher(NetHolder(net), load_device=load_device, offload_device=offload_device)
+    return NetHandle(net, patcher, name)
+
+
+def load_control(name: str) -> Any:
+    """Load `name` from the controlnet folders as our CONTROL_NET object."""
+    path = resolve_model_path(name)
+    import comfy.ops
+
+    dtype, load_device, offload_device = _dtype_and_devices()
+    try:
+        net = load_controlnet(path, device=offload_device, dtype=dtype, ops=comfy.ops.disable_weight_init, name=name)
+    except UnsupportedFamilyError as e:
+        raise UnsupportedFamilyError(f"{e}. ComfyUI's own 'Load ControlNet Model' node may load it") from None
+    except ControlNetError:
+        raise
+    except Exception as e:  # a damaged or truncated file: say so in one sentence
+        raise LoadError(
+            f"{name}: the file could not be read ({type(e).__name__}: {e}); it is damaged or incomplete, "
+            "download it again"
+        ) from None
+    control = control_class()(_make_handle(net, name, load_device, offload_device))
+    control.global_average_pooling = default_global_pool(name)
+    return control
+
+
+def _handle_for(control_net: Any) -> NetHandle:
+    """Our network behind a CONTROL_NET: ours directly, a ComfyUI-loaded SD ControlNet converted."""
+    if is_core_control(control_net):
+        return control_net.handle
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+
+    model = getattr(control_net, "control_model", None)
+    if (not isinstance(control_net, comfy.controlnet.ControlNet) or type(model) is not comfy.cldm.cldm.ControlNet
+            or getattr(model, "task_embedding", None) is not None):
+        raise InputError(
+            f"this ControlNet ({type(control_net).__name__}) was loaded by another node and only the default "
+            "options work with it (control mode 'balanced', resize 'crop', interpolation 'nearest-exact', no "
+            "mask, no stack); load it with 'Load ControlNet (CNCore)' to use them"
+        )
+    if model in _converted:
+        return _converted[model]
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    dtype = getattr(control_net, "manual_cast_dtype", None) or next(iter(state.values())).dtype
+    device = next(iter(state.values())).device
+    try:
+        net = load_controlnet(state, device=device, dtype=dtype, ops=comfy.ops.disable_weight_init,
+                              name="the ControlNet from ComfyUI's loader")
+    except ControlNetError as e:
+        raise InputError(
+            f"this ControlNet from ComfyUI's loader cannot take the CNCore options ({e}); use the default options "
+            "or load it with 'Load ControlNet (CNCore)'"
+        ) from None
+    import comfy.model_management as mm
+
+    handle = _make_handle(net, net.source_name, control_net.load_device or mm.get_torch_device(),
+                          mm.unet_offload_device())
+    _converted[model] = handle
+    return handle
+
+
+# ------------------------------------------------------------------------------------------
+# apply
+
+def _conditioning_width(conditioning: Any) -> list[int]:
+    widths = []
+    for item in conditioning or []:
+        try:
+            t, d = item[0], item[1]
+        except (TypeError, IndexError, KeyError):
+            raise InputError("positive and negative must be CONDITIONING (from a text encode node)") from None
+        t = d.get("crossattn_controlnet", t) if isinstance(d, dict) else t
+        if isinstance(t, torch.Tensor) and t.ndim == 3:
+            widths.append(int(t.shape[-1]))
+    return widths
+
+
+def check_conditioning(handles: list[NetHandle], positive: Any, negative: Any) -> None:
+    """An SDXL ControlNet on SD1.5 text conditioning (and the like) is refused at apply time."""
+    widths = set(_conditioning_width(positive)) | set(_conditioning_width(negative))
+    for h in handles:
+        want = h.net.config.context_dim
+        for wdt in sorted(widths):
+            if wdt != want:
+                raise InputError(
+                    f"the ControlNet {h.name!r} is made for {h.family} models (text width {want}), but the "
+                    f"conditioning comes from {family_of_width(wdt)} (text width {wdt}); use a ControlNet made for "
+                    "your checkpoint"
+                )
+
+
+def _bind(entry: StackEntry) -> BoundEntry:
+    if not isinstance(entry, StackEntry):
+        raise InputError("control_stack must come from a Combine ControlNets (CNCore) node")
+    handle = _handle_for(entry.control_net)
+    return BoundEntry(handle, to_bchw(entry.image, handle.net.config.hint_channels),
+                      float(entry.strength), float(entry.start_percent), float(entry.end_percent),
+                      normalize_mask(entry.mask))
+
+
+def apply_control(
+    positive: Any, negative: Any, control_net: Any, image: torch.Tensor, strength: float, start_percent: float,
+    end_percent: float, control_mode: str = DEFAULT_MODE, resize_mode: str = DEFAULT_RESIZE,
+    interpolation: str = DEFAULT_INTERPOLATION, vae: Any = None, mask: Any = None, control_stack: Any = None,
+) -> tuple[Any, Any]:
+    """Attach the control (and a stack) to every conditioning of positive and negative.
+
+    As ComfyUI's ControlNetApplyAdvanced: strength 0 (and no stack) returns the inputs unchanged;
+    each distinct previous control gets one new control object, shared by positive and negative (so
+    they are batched together); `control_apply_to_uncond` is False.
+    """
+    if control_net is None:
+        raise InputError("connect a ControlNet (from a Load ControlNet node) to control_net")
+    if not isinstance(image, torch.Tensor) or image.ndim != 4:
+        got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise InputError(f"image must be a ComfyUI IMAGE batch (batch, height, width, channels); got {got}")
+    entries = tuple(control_stack or ())
+    if strength == 0 and not entries:
+        return positive, negative
+    mask = normalize_mask(mask)
+    ours = is_core_control(control_net)
+    plain = (control_mode, resize_mode, interpolation) == (DEFAULT_MODE, DEFAULT_RESIZE, DEFAULT_INTERPOLATION)
+    hint = image.movedim(-1, 1)
+
+    if not ours and plain and mask is None and not entries:
+        def make(prev):  # ComfyUI's own control object, applied as ControlNetApplyAdvanced does
+            return control_net.copy().set_cond_hint(hint, strength, (start_percent, end_percent), vae=vae)
+    else:
+        template = control_net if ours else control_class()(_handle_for(control_net))
+        bound = [_bind(e) for e in entries if float(e.strength) != 0]
+        handle = template.handle
+
+        def make(prev):
+            c = template.copy().set_cond_hint(hint, strength, (start_percent, end_percent), vae=vae)
+            c.cncore_mode, c.cncore_resize, c.cncore_interpolation = control_mode, resize_mode, interpolation
+            c.cncore_mask = mask
+            c.cncore_entries = list(bound)
+            return c
+
+        probe = make(None)
+        probe.cncore_controls()  # validates settings, hints, masks and the stack's architectures now
+        check_conditioning(probe.cncore_handles(), positive, negative)
+        if not ours:
+            log.debug("CNCore: using %s through the CNCore runtime", handle.name)
+
+    made: dict[int, Any] = {}
+    out = []
+    for conditioning in (positive, negative):
+        c_out = []
+        for t, d in conditioning:
+            d = d.copy()
+            prev = d.get("control")
+            key = id(prev)
+            if key not in made:
+                made[key] = make(prev).set_previous_controlnet(prev)
+            d["control"] = made[key]
+            d["control_apply_to_uncond"] = False
+            c_out.append([t, d])
+        out.append(c_out)
+    return out[0], out[1]
+
+
+def stack_entry(control_net: Any, image: Any, strength: float, start_percent: float, end_percent: float,
+                mask: Any = None) -> StackEntry:
+    """A validated CONTROL_STACK entry (the checks that need no ComfyUI run here, the rest at apply)."""
+    if control_net is None:
+        raise InputError("connect a ControlNet (from a Load ControlNet node) to control_net")
+    channels = control_net.handle.net.config.hint_channels if is_core_control(control_net) else 3
+    to_bchw(image, channels)
+    mask = normalize_mask(mask)
+    ControlSettings(strength=strength, start_percent=start_percent, end_percent=end_percent)
+    return StackEntry(control_net, image, float(strength), float(start_percent), float(end_percent), mask)
+
+
+__all__ = [
+    "NetHolder", "apply_control", "check_conditioning", "control_class", "controlnet_names",
+    "is_core_control", "load_control", "resolve_model_path", "stack_entry",
+]

@@ -1,0 +1,238 @@
+"""The four ComfyUI nodes (V1 node API). Node ids are a public API: never rename them, and only
+append widgets (saved workflows store widget values by position)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..controlnet_core.control import MAX_STRENGTH, MODES
+from ..controlnet_core.hint import INTERPOLATIONS, RESIZE_MODES
+from . import adapter
+from .control_object import DEFAULT_INTERPOLATION, DEFAULT_MODE, DEFAULT_RESIZE
+
+CATEGORY = "conditioning/controlnet"
+CONTROL_NET = "CONTROL_NET"
+CONTROL_STACK = "CONTROL_STACK"
+
+TIP_STRENGTH = "How strongly the ControlNet steers the image; 0 turns it off, 1 is the usual strength."
+TIP_START = "Fraction of the sampling (in the model's time, as ComfyUI) at which the control starts acting."
+TIP_END = "Fraction of the sampling at which the control stops acting."
+TIP_IMAGE = "The hint image (e.g. from the ControlNet Preprocessor); resized to the generated image."
+TIP_MASK = (
+    "Optional region: the control acts only where the mask is white (softly in between). "
+    "Same size (or aspect ratio) as the generated image."
+)
+
+
+def _strength() -> tuple:
+    return ("FLOAT", {"default": 1.0, "min": 0.0, "max": MAX_STRENGTH, "step": 0.01, "tooltip": TIP_STRENGTH})
+
+
+def _percent(default: float, tip: str) -> tuple:
+    return ("FLOAT", {"default": default, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": tip})
+
+
+class LoadControlNet:
+    """Load a ControlNet (SD1.x, SD2.x, SDXL; original, v1.1 and diffusers single-file formats)."""
+
+    DESCRIPTION = "Loads a ControlNet from ComfyUI's controlnet model folders for the CNCore runtime."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"control_net_name": (adapter.controlnet_names(), {
+            "tooltip": "A file in ComfyUI's models/controlnet folder (or an extra model path)."})}}
+
+    RETURN_TYPES = (CONTROL_NET,)
+    RETURN_NAMES = ("control_net",)
+    OUTPUT_TOOLTIPS = ("The ControlNet; works with both CNCore's and ComfyUI's Apply ControlNet nodes.",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, control_net_name: str) -> tuple[Any]:
+        return (adapter.load_control(control_net_name),)
+
+
+def _param_widget(p: Any) -> tuple:
+    opts: dict[str, Any] = {"default": p.default}
+    if p.tooltip:
+        opts["tooltip"] = p.tooltip
+    if p.kind == "choice":
+        return (list(p.choices), opts)
+    if p.kind == "bool":
+        return ("BOOLEAN", opts)
+    for key in ("min", "max", "step"):
+        value = getattr(p, key)
+        if value is not None:
+            opts[key] = int(value) if p.kind == "int" else float(value)
+    if p.kind == "int":
+        opts["control_after_generate"] = False  # a seed here is a setting, not a per-run random number
+        return ("INT", opts)
+    return ("FLOAT", opts)
+
+
+class Preprocessor:
+    """Image -> hint image with one of the pack's weight-free preprocessors."""
+
+    DESCRIPTION = "Makes a ControlNet hint (edges, lines, tiles, ...) from an image; no downloads."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        from .. import preprocessors as pp
+
+        required: dict[str, Any] = {
+            "image": ("IMAGE", {"tooltip": "The image(s) to make hints from."}),
+            "method": (pp.list_methods(), {"default": pp.list_methods()[0],
+                                           "tooltip": "The kind of hint; pick the one your ControlNet was trained on."}),
+            "resolution": ("INT", {"default": 512, "min": 64, "max": 16384, "step": 8,
+                                   "tooltip": "Short side (pixels) the method works at; the hint comes back at the "
+                                              "input size."}),
+            "pixel_perfect": ("BOOLEAN", {"default": False,
+                                          "tooltip": "Pick the resolution from the generated image's size (connect "
+                                                     "the latent) instead of the resolution widget."}),
+        }
+        for p in pp.PARAMS:
+            required[p.name] = _param_widget(p)
+        return {
+            "required": required,
+            "optional": {
+                "mask": ("MASK", {"tooltip": "For the inpaint method: the area to repaint."}),
+                "latent": ("LATENT", {"tooltip": "The latent you generate (for pixel_perfect)."}),
+            },
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("hint",)
+    OUTPUT_TOOLTIPS = ("The hint image, the size of the input image.",)
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+
+    def run(self, image: torch.Tensor, method: str, resolution: int, pixel_perfect: bool,
+            mask: torch.Tensor | None = None, latent: dict | None = None, **params: Any) -> tuple[torch.Tensor]:
+        from .. import preprocessors as pp
+
+        target = None
+        if latent is not None:
+            samples = latent["samples"]
+            target = (8 * int(samples.shape[-2]), 8 * int(samples.shape[-1]))
+        elif pixel_perfect and not getattr(pp.get_method(method), "native_size", False):
+            raise pp.PreprocessorError(
+                "pixel_perfect needs the size of the image you generate: connect your latent (e.g. from Empty "
+                "Latent Image) to the preprocessor's latent input, or turn pixel_perfect off"
+            )
+        if not isinstance(image, torch.Tensor) or image.ndim != 4:
+            raise pp.PreprocessorError("image must be a ComfyUI IMAGE batch (batch, height, width, channels)")
+        out = pp.run(
+            method, image.detach().cpu().float().numpy(), resolution=resolution, pixel_perfect=pixel_perfect,
+            target_hw=target, mask=None if mask is None else mask.detach().cpu().float().numpy(), **params,
+        )
+        return (torch.from_numpy(out).to(image.device),)
+
+
+class ApplyControlNet:
+    """Apply a ControlNet (and optionally a stack of more) to positive and negative conditioning."""
+
+    DESCRIPTION = (
+        "Like ComfyUI's Apply ControlNet (its defaults give the same image), plus control modes, resize "
+        "modes, a region mask and a stack of more controls evaluated in one pass."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "positive": ("CONDITIONING", {"tooltip": "Positive conditioning (from a text encode node)."}),
+                "negative": ("CONDITIONING", {"tooltip": "Negative conditioning; shares the control with positive."}),
+                "control_net": (CONTROL_NET, {"tooltip": "A ControlNet from either Load ControlNet node."}),
+                "image": ("IMAGE", {"tooltip": TIP_IMAGE}),
+                "strength": _strength(),
+                "start_percent": _percent(0.0, TIP_START),
+                "end_percent": _percent(1.0, TIP_END),
+                "control_mode": (list(MODES), {
+                    "default": DEFAULT_MODE,
+                    "tooltip": "balanced: as ComfyUI; 'prompt is more important': weaker on shallow layers "
+                               "(0.825^k); 'controlnet is more important' / 'guess mode': the same weights, and "
+                               "the control acts on the positive half only."}),
+                "resize_mode": (list(RESIZE_MODES), {
+                    "default": DEFAULT_RESIZE,
+                    "tooltip": "How the hint fits the generated image when their shapes differ: crop (ComfyUI's "
+                               "centre crop), stretch, or pad with black."}),
+                "interpolation": (list(INTERPOLATIONS), {
+                    "default": DEFAULT_INTERPOLATION,
+                    "tooltip": "Resampling of the hint; nearest-exact is ComfyUI's."}),
+            },
+            "optional": {
+                "vae": ("VAE", {"tooltip": "Only for ControlNets that need one (some ComfyUI-loaded families); "
+                                           "unused by SD1.x/SD2.x/SDXL ControlNets."}),
+                "mask": ("MASK", {"tooltip": TIP_MASK}),
+                "control_stack": (CONTROL_STACK, {
+                    "tooltip": "More controls from Combine ControlNets (CNCore), applied together with this one; "
+                               "the modes above apply to all of them."}),
+            },
+        }
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("positive", "negative")
+    OUTPUT_TOOLTIPS = ("Positive conditioning with the control.", "Negative conditioning with the control.")
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    def apply(self, positive, negative, control_net, image, strength, start_percent, end_percent,
+              control_mode=DEFAULT_MODE, resize_mode=DEFAULT_RESIZE, interpolation=DEFAULT_INTERPOLATION,
+              vae=None, mask=None, control_stack=None):
+        return adapter.apply_control(
+            positive, negative, control_net, image, strength, start_percent, end_percent,
+            control_mode=control_mode, resize_mode=resize_mode, interpolation=interpolation,
+            vae=vae, mask=mask, control_stack=control_stack,
+        )
+
+
+class CombineControls:
+    """Gather controls into a CONTROL_STACK: chain Combine nodes (stack -> control_stack) for 2..N
+    controls, and end in Apply ControlNet (CNCore). Same result as chaining Apply nodes, in one pass."""
+
+    DESCRIPTION = (
+        "Adds a ControlNet + hint (+ strength, schedule, mask) to a stack. Chain several, then connect the "
+        "stack to Apply ControlNet (CNCore); all controls run in one pass and their effects add up."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "control_net": (CONTROL_NET, {"tooltip": "A ControlNet from either Load ControlNet node."}),
+                "image": ("IMAGE", {"tooltip": TIP_IMAGE}),
+                "strength": _strength(),
+                "start_percent": _percent(0.0, TIP_START),
+                "end_percent": _percent(1.0, TIP_END),
+            },
+            "optional": {
+                "mask": ("MASK", {"tooltip": TIP_MASK}),
+                "control_stack": (CONTROL_STACK, {"tooltip": "Controls gathered so far (from another Combine node)."}),
+            },
+        }
+
+    RETURN_TYPES = (CONTROL_STACK,)
+    RETURN_NAMES = ("control_stack",)
+    OUTPUT_TOOLTIPS = ("The controls so far; connect to Apply ControlNet (CNCore) or another Combine node.",)
+    FUNCTION = "combine"
+    CATEGORY = CATEGORY
+
+    def combine(self, control_net, image, strength, start_percent, end_percent, mask=None, control_stack=None):
+        entry = adapter.stack_entry(control_net, image, strength, start_percent, end_percent, mask)
+        return (tuple(control_stack or ()) + (entry,),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "CNCore_LoadControlNet": LoadControlNet,
+    "CNCore_Preprocessor": Preprocessor,
+    "CNCore_ApplyControlNet": ApplyControlNet,
+    "CNCore_CombineControls": CombineControls,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "CNCore_LoadControlNet": "Load ControlNet (CNCore)",
+    "CNCore_Preprocessor": "ControlNet Preprocessor (CNCore)",
+    "CNCore_ApplyControlNet": "Apply ControlNet (CNCore)",
+    "CNCore_CombineControls": "Combine ControlNets (CNCore)",
+}

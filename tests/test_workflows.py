@@ -1,0 +1,395 @@
+"""Every shipped workflow is checked against the node definitions.
+
+workflows/*.json are UI-format workflows (what the ComfyUI front end saves and loads by drag and
+drop; its template browser lists them), workflows/api/*.json their API-format twins (what
+`POST /prompt` accepts). For each pair: every node type exists, every link connects an output to
+an input of a compatible type, every widget value has the right type and lies in range, required
+inputs are present, at least one output node exists, and the UI and API files describe the same
+graph (same nodes, links and widget values).
+
+Node definitions: ours come from the pack's own INPUT_TYPES. ComfyUI's built-in nodes used by the
+workflows are described by `BUILTIN_SPECS` below, a small table of their input specs taken by hand
+from ComfyUI's source (Comfy-Org/ComfyUI a125cd84, v0.3.64: nodes.py and comfy_extras/nodes_mask.py;
+sampler/scheduler lists are the subset the workflows use). With a real ComfyUI
+(tests/test_comfyui_integration.py, COMFYUI_PATH set) the same validator runs against its
+/object_info instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from comfyui_controlnet_core import NODE_CLASS_MAPPINGS
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
+UI_FILES = sorted(WORKFLOWS.glob("*.json"))
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+FILES = "__FILES__"  # a file-list combo: its choices depend on the user's folders
+MAX_RESOLUTION = 16384
+
+BUILTIN_SPECS: dict[str, dict] = {
+    "CheckpointLoaderSimple": {
+        "input": {"required": {"ckpt_name": [FILES, {}]}},
+        "output": ["MODEL", "CLIP", "VAE"], "output_node": False,
+    },
+    "CLIPTextEncode": {
+        "input": {"required": {"text": ["STRING", {"multiline": True, "dynamicPrompts": True}], "clip": ["CLIP", {}]}},
+        "output": ["CONDITIONING"], "output_node": False,
+    },
+    "EmptyLatentImage": {
+        "input": {"required": {
+            "width": ["INT", {"default": 512, "min": 16, "max": MAX_RESOLUTION, "step": 8}],
+            "height": ["INT", {"default": 512, "min": 16, "max": MAX_RESOLUTION, "step": 8}],
+            "batch_size": ["INT", {"default": 1, "min": 1, "max": 4096}],
+        }},
+        "output": ["LATENT"], "output_node": False,
+    },
+    "KSampler": {
+        "input": {"required": {
+            "model": ["MODEL", {}],
+            "seed": ["INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}],
+            "steps": ["INT", {"default": 20, "min": 1, "max": 10000}],
+            "cfg": ["FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}],
+            "sampler_name": [["euler", "euler_ancestral", "dpmpp_2m"], {}],
+            "scheduler": [["normal", "karras", "simple"], {}],
+            "positive": ["CONDITIONING", {}],
+            "negative": ["CONDITIONING", {}],
+            "latent_image": ["LATENT", {}],
+            "denoise": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}],
+        }},
+        "output": ["LATENT"], "output_node": False,
+    },
+    "VAEDecode": {
+        "input": {"required": {"samples": ["LATENT", {}], "vae": ["VAE", {}]}},
+        "output": ["IMAGE"], "output_node": False,
+    },
+    "SaveImage": {
+        "input": {"required": {"images": ["IMAGE", {}], "filename_prefix": ["STRING", {"default": "ComfyUI"}]}},
+        "output": [], "output_node": True,
+    },
+    "PreviewImage": {"input": {"required": {"images": ["IMAGE", {}]}}, "output": [], "output_node": True},
+    "LoadImage": {
+        "input": {"required": {"image": [FILES, {"image_upload": True}]}},
+        "output": ["IMAGE", "MASK"], "output_node": False,
+    },
+    "SolidMask": {
+        "input": {"required": {
+            "value": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}],
+            "width": ["INT", {"default": 512, "min": 1, "max": MAX_RESOLUTION, "step": 1}],
+            "height": ["INT", {"default": 512, "min": 1, "max": MAX_RESOLUTION, "step": 1}],
+        }},
+        "output": ["MASK"], "output_node": False,
+    },
+    "MaskComposite": {
+        "input": {"required": {
+            "destination": ["MASK", {}],
+            "source": ["MASK", {}],
+            "x": ["INT", {"default": 0, "min": 0, "max": MAX_RESOLUTION, "step": 1}],
+            "y": ["INT", {"default": 0, "min": 0, "max": MAX_RESOLUTION, "step": 1}],
+            "operation": [["multiply", "add", "subtract", "and", "or", "xor"], {}],
+        }},
+        "output": ["MASK"], "output_node": False,
+    },
+}
+
+FILE_INPUTS = {("CNCore_LoadControlNet", "control_net_name")}
+
+
+def pack_specs() -> dict[str, dict]:
+    """Our nodes in /object_info's shape, from their INPUT_TYPES."""
+    out = {}
+    for name, cls in NODE_CLASS_MAPPINGS.items():
+        inputs = {}
+        for section, entries in cls.INPUT_TYPES().items():
+            inputs[section] = {}
+            for k, spec in entries.items():
+                kind = spec[0]
+                if (name, k) in FILE_INPUTS:
+                    kind = FILES
+                inputs[section][k] = [kind, dict(spec[1]) if len(spec) > 1 else {}]
+        out[name] = {"input": inputs, "output": list(cls.RETURN_TYPES),
+                     "output_node": bool(getattr(cls, "OUTPUT_NODE", False))}
+    return out
+
+
+def all_specs() -> dict[str, dict]:
+    return {**BUILTIN_SPECS, **pack_specs()}
+
+
+# ------------------------------------------------------------------------------------------
+# the validator (also used by the integration test against a real /object_info)
+
+def _inputs(spec: dict) -> list[tuple[str, list, bool]]:
+    """(name, [type, options], required) in ComfyUI's order: required, then optional."""
+    out = []
+    for section in ("required", "optional"):
+        for name, s in (spec["input"].get(section) or {}).items():
+            out.append((name, [s[0], s[1] if len(s) > 1 else {}], section == "required"))
+    return out
+
+
+def is_widget(kind) -> bool:
+    return isinstance(kind, list) or kind in WIDGET_TYPES or kind == FILES or kind == "COMBO"
+
+
+def types_match(out_type: str, in_type: str) -> bool:
+    if out_type == "*" or in_type == "*":
+        return True
+    return bool(set(out_type.split(",")) & set(in_type.split(",")))
+
+
+def check_value(node: str, name: str, kind, opts: dict, value) -> list[str]:
+    where = f"node {node} input {name!r}"
+    if kind == FILES:
+        return [] if isinstance(value, str) and value else [f"{where}: {value!r} is not a file name"]
+    if isinstance(kind, list) or kind == "COMBO":
+        choices = kind if isinstance(kind, list) else opts.get("options", [])
+        return [] if value in choices else [f"{where}: {value!r} is not one of {choices}"]
+    if kind == "INT":
+        if isinstance(value, bool) or not isinstance(value, int):
+            return [f"{where}: {value!r} is not an integer"]
+    elif kind == "FLOAT":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return [f"{where}: {value!r} is not a number"]
+    elif kind == "STRING":
+        return [] if isinstance(value, str) else [f"{where}: {value!r} is not a string"]
+    elif kind == "BOOLEAN":
+        return [] if isinstance(value, bool) else [f"{where}: {value!r} is not a boolean"]
+    lo, hi = opts.get("min"), opts.get("max")
+    if lo is not None and value < lo or hi is not None and value > hi:
+        return [f"{where}: {value!r} is outside [{lo}, {hi}]"]
+    return []
+
+
+def validate_api(prompt: dict, specs: dict) -> list[str]:
+    errors, has_output = [], False
+    for nid, node in prompt.items():
+        ctype = node.get("class_type")
+        if ctype not in specs:
+            errors.append(f"node {nid}: unknown node type {ctype!r}")
+            continue
+        spec = specs[ctype]
+        has_output |= bool(spec.get("output_node"))
+        known = {n: (s, req) for n, s, req in _inputs(spec)}
+        for name in node["inputs"]:
+            if name not in known:
+                errors.append(f"node {nid} ({ctype}): unknown input {name!r}")
+        for name, (s, req) in known.items():
+            if name not in node["inputs"]:
+                if req:
+                    errors.append(f"node {nid} ({ctype}): required input {name!r} missing")
+                continue
+            value = node["inputs"][name]
+            if isinstance(value, list):
+                src, slot = value
+                if str(src) not in prompt:
+                    errors.append(f"node {nid}: input {name!r} links to missing node {src}")
+                    continue
+                src_type = prompt[str(src)]["class_type"]
+                outs = specs.get(src_type, {}).get("output", [])
+                if not isinstance(slot, int) or not 0 <= slot < len(outs):
+                    errors.append(f"node {nid}: input {name!r} links to output {slot} of {src_type}, which has {len(outs)}")
+                elif not types_match(outs[slot], s[0] if isinstance(s[0], str) else "COMBO"):
+                    errors.append(f"node {nid}: input {name!r} ({s[0]}) linked to {src_type} output {outs[slot]}")
+            elif not is_widget(s[0]):
+                errors.append(f"node {nid} ({ctype}): input {name!r} of type {s[0]} needs a link, got {value!r}")
+            else:
+                errors += check_value(f"{nid} ({ctype})", name, s[0], s[1], value)
+    if not has_output:
+        errors.append("the prompt has no output node")
+    return errors
+
+
+def ui_widget_names(spec: dict) -> list[str]:
+    """The positional widgets_values layout the front end uses: every widget input in order, plus
+    a 'control_after_generate' value after seed-like INTs and an 'upload' value after image uploads."""
+    names = []
+    for name, (kind, opts), _ in _inputs(spec):
+        if not is_widget(kind) or opts.get("forceInput"):
+            continue
+        names.append(name)
+        cag = opts.get("control_after_generate")
+        if kind == "INT" and (cag if cag is not None else name in ("seed", "noise_seed")):
+            names.append("<control_after_generate>")
+        if opts.get("image_upload"):
+            names.append("<upload>")
+    return names
+
+
+def validate_ui(workflow: dict, specs: dict) -> list[str]:
+    errors = []
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    if len(nodes) != len(workflow["nodes"]):
+        errors.append("duplicate node ids")
+    if workflow.get("last_node_id", 0) < max(nodes, default=0):
+        errors.append("last_node_id is smaller than a node id")
+    links = {}
+    for link in workflow["links"]:
+        lid, src, sslot, dst, dslot, ltype = link
+        links[lid] = link
+        if src not in nodes or dst not in nodes:
+            errors.append(f"link {lid} joins a missing node")
+            continue
+        s_node, d_node = nodes[src], nodes[dst]
+        outs = specs.get(s_node["type"], {}).get("output", [])
+        if sslot >= len(outs) or outs[sslot] != ltype:
+            errors.append(f"link {lid}: {s_node['type']} output {sslot} is not of type {ltype}")
+        if sslot >= len(s_node["outputs"]) or lid not in (s_node["outputs"][sslot].get("links") or []):
+            errors.append(f"link {lid}: not listed on output {sslot} of node {src}")
+        if dslot >= len(d_node["inputs"]) or d_node["inputs"][dslot].get("link") != lid:
+            errors.append(f"link {lid}: not set on input {dslot} of node {dst}")
+        elif not types_match(ltype, d_node["inputs"][dslot]["type"]):
+            errors.append(f"link {lid}: type {ltype} into input of type {d_node['inputs'][dslot]['type']}")
+    if workflow.get("last_link_id", 0) < max(links, default=0):
+        errors.append("last_link_id is smaller than a link id")
+    for nid, node in nodes.items():
+        spec = specs.get(node["type"])
+        if spec is None:
+            errors.append(f"node {nid}: unknown node type {node['type']!r}")
+            continue
+        known = {n: s for n, s, _ in _inputs(spec)}
+        for slot in node.get("inputs", []):
+            s = known.get(slot["name"])
+            if s is None:
+                errors.append(f"node {nid}: unknown input {slot['name']!r}")
+            elif slot["type"] != (s[0] if isinstance(s[0], str) and s[0] != FILES else "COMBO") and not slot.get("widget"):
+                errors.append(f"node {nid}: input {slot['name']!r} has type {slot['type']}, the node says {s[0]}")
+            if slot.get("link") is not None and slot["link"] not in links:
+                errors.append(f"node {nid}: input {slot['name']!r} uses missing link {slot['link']}")
+        for i, out in enumerate(node.get("outputs", [])):
+            if i >= len(spec["output"]) or out["type"] != spec["output"][i]:
+                errors.append(f"node {nid}: output {i} type {out['type']} does not match the node")
+        names = ui_widget_names(spec)
+        values = node.get("widgets_values", [])
+        if len(values) != len(names):
+            errors.append(f"node {nid} ({node['type']}): {len(values)} widget values for widgets {names}")
+            continue
+        for name, value in zip(names, values):
+            if name == "<control_after_generate>":
+                if value not in ("fixed", "increment", "decrement", "randomize"):
+                    errors.append(f"node {nid}: bad control_after_generate {value!r}")
+            elif name == "<upload>":
+                if value != "image":
+                    errors.append(f"node {nid}: bad upload widget value {value!r}")
+            else:
+                errors += check_value(f"{nid} ({node['type']})", name, known[name][0], known[name][1], value)
+        linked_required = {n for n, s, req in _inputs(spec) if req and not is_widget(s[0])}
+        present = {slot["name"] for slot in node.get("inputs", []) if slot.get("link") is not None}
+        for n in sorted(linked_required - present):
+            errors.append(f"node {nid} ({node['type']}): required input {n!r} is not connected")
+    return errors
+
+
+def same_graph(workflow: dict, prompt: dict, specs: dict) -> list[str]:
+    errors = []
+    nodes = {str(n["id"]): n for n in workflow["nodes"] if n.get("mode", 0) == 0}
+    if set(nodes) != set(prompt):
+        return [f"UI nodes {sorted(nodes)} != API nodes {sorted(prompt)}"]
+    expected: dict[str, dict] = {nid: {} for nid in nodes}
+    for lid, src, sslot, dst, dslot, _ in workflow["links"]:
+        name = nodes[str(dst)]["inputs"][dslot]["name"]
+        expected[str(dst)][name] = [str(src), sslot]
+    for nid, node in nodes.items():
+        spec = specs[node["type"]]
+        if prompt[nid]["class_type"] != node["type"]:
+            errors.append(f"node {nid}: UI type {node['type']} vs API {prompt[nid]['class_type']}")
+        for name, value in zip(ui_widget_names(spec), node.get("widgets_values", [])):
+            if not name.startswith("<") and name not in expected[nid]:
+                expected[nid][name] = value
+        if prompt[nid]["inputs"] != expected[nid]:
+            errors.append(f"node {nid} ({node['type']}): API inputs {prompt[nid]['inputs']} != UI {expected[nid]}")
+    return errors
+
+
+def load_pair(ui_path: Path) -> tuple[dict, dict]:
+    api_path = ui_path.parent / "api" / ui_path.name
+    return json.loads(ui_path.read_text()), json.loads(api_path.read_text())
+
+
+# ------------------------------------------------------------------------------------------
+# tests
+
+def test_the_four_main_uses_ship_as_ui_and_api_pairs():
+    names = {p.name for p in UI_FILES}
+    assert {"controlnet_canny.json", "controlnet_two_combined.json", "controlnet_masked_region.json",
+            "controlnet_start_end.json"} <= names
+    for p in UI_FILES:
+        assert (WORKFLOWS / "api" / p.name).is_file(), f"{p.name} has no API twin"
+    assert {p.name for p in (WORKFLOWS / "api").glob("*.json")} == names
+
+
+@pytest.mark.parametrize("ui_path", UI_FILES, ids=[p.stem for p in UI_FILES])
+def test_workflow_is_valid_and_ui_matches_api(ui_path):
+    ui, api = load_pair(ui_path)
+    specs = all_specs()
+    assert validate_api(api, specs) == []
+    assert validate_ui(ui, specs) == []
+    assert same_graph(ui, api, specs) == []
+    used = {n["class_type"] for n in api.values()}
+    assert used & set(NODE_CLASS_MAPPINGS), "the workflow uses none of the pack's nodes"
+    assert ui.get("version") is not None and isinstance(ui.get("links"), list)
+
+
+def test_workflows_show_what_their_names_promise():
+    def api(name):
+        return load_pair(WORKFLOWS / name)[1]
+
+    canny = api("controlnet_canny.json")
+    pre = [n for n in canny.values() if n["class_type"] == "CNCore_Preprocessor"]
+    assert pre and pre[0]["inputs"]["method"] == "canny"
+    two = api("controlnet_two_combined.json")
+    assert sum(n["class_type"] == "CNCore_LoadControlNet" for n in two.values()) == 2
+    assert any(n["class_type"] == "CNCore_CombineControls" for n in two.values())
+    apply = [n for n in two.values() if n["class_type"] == "CNCore_ApplyControlNet"][0]
+    assert isinstance(apply["inputs"].get("control_stack"), list)
+    masked = api("controlnet_masked_region.json")
+    apply = [n for n in masked.values() if n["class_type"] == "CNCore_ApplyControlNet"][0]
+    assert isinstance(apply["inputs"].get("mask"), list)
+    sched = api("controlnet_start_end.json")
+    apply = [n for n in sched.values() if n["class_type"] == "CNCore_ApplyControlNet"][0]
+    assert (apply["inputs"]["start_percent"], apply["inputs"]["end_percent"]) != (0.0, 1.0)
+
+
+def _canny_pair():
+    return load_pair(WORKFLOWS / "controlnet_canny.json")
+
+
+def test_validator_catches_broken_workflows():
+    """The validator itself: each kind of damage is reported."""
+    specs = all_specs()
+    ui, api = _canny_pair()
+    apply_id = next(k for k, n in api.items() if n["class_type"] == "CNCore_ApplyControlNet")
+
+    bad = json.loads(json.dumps(api))
+    bad[apply_id]["inputs"]["strength"] = 11.0
+    assert any("outside" in e for e in validate_api(bad, specs))
+    bad = json.loads(json.dumps(api))
+    bad[apply_id]["inputs"]["resize_mode"] = "zoom"
+    assert any("not one of" in e for e in validate_api(bad, specs))
+    bad = json.loads(json.dumps(api))
+    vae_src = next(k for k, n in api.items() if n["class_type"] == "CheckpointLoaderSimple")
+    bad[apply_id]["inputs"]["control_net"] = [vae_src, 2]  # a VAE into a CONTROL_NET socket
+    assert any("linked to" in e for e in validate_api(bad, specs))
+    bad = json.loads(json.dumps(api))
+    bad[apply_id]["class_type"] = "CNCore_Nope"
+    assert any("unknown node type" in e for e in validate_api(bad, specs))
+    bad = json.loads(json.dumps(api))
+    del bad[apply_id]["inputs"]["image"]
+    assert any("required input 'image'" in e for e in validate_api(bad, specs))
+
+    bad_ui = json.loads(json.dumps(ui))
+    node = next(n for n in bad_ui["nodes"] if n["type"] == "CNCore_ApplyControlNet")
+    node["widgets_values"] = node["widgets_values"][:-1]
+    assert validate_ui(bad_ui, specs)
+    bad_ui = json.loads(json.dumps(ui))
+    bad_ui["links"][0][5] = "LATENT" if bad_ui["links"][0][5] != "LATENT" else "IMAGE"
+    assert validate_ui(bad_ui, specs)
+    bad_ui = json.loads(json.dumps(ui))
+    node = next(n for n in bad_ui["nodes"] if n["type"] == "CNCore_ApplyControlNet")
+    node["widgets_values"][0] = 0.5  # strength differs from the API twin
+    assert same_graph(bad_ui, api, specs)
