@@ -37,6 +37,7 @@ from .errors import ControlNetError, InputError
 from .hint import INTERPOLATIONS, RESIZE_MODES, check_choice, resize_hint, tile_to_batch, to_bchw
 from .host import COND, PercentToSigma, ResidualDict, StepRequest, unet_control
 from .model import ControlNet
+from .fast.runner import stack_residuals
 
 # lllyasviel/ControlNet gradio apps, guess mode: scales = [strength * 0.825 ** (12 - i) for i in 0..12].
 SOFT_BASE = 0.825
@@ -305,6 +306,9 @@ class ControlStack:
             c.start_run(percent_to_sigma)
 
     def residuals(self, request: StepRequest) -> ResidualDict | None:
+        fast = stack_residuals(self, request)  # CUDA fast path (fast/); NotImplemented: plain path
+        if fast is not NotImplemented:
+            return fast
         total: list[torch.Tensor] | None = None
         for c in self.controls:
             out = c.own_residuals(request)

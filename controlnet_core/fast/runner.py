@@ -1,0 +1,465 @@
+"""The runner: one per stack of controls, with one entry per input shape.
+
+An entry owns static buffers (latent, timesteps, context, y, each control's hint embedding and
+scales, and one flat output buffer that every residual is a view of). Its `body` runs every
+active control's ControlNet from those buffers and writes `sum_k strength_k * w_ki * r_ki` into
+the output views in place (`mul(out=)` for the first control, `addcmul_` for the next ones; with
+`parallel`, each further control runs on its own stream into its own flat buffer, added at the
+end). The first `warmup_calls` calls of an entry run the body eagerly (this also warms cuDNN /
+cuBLAS on the streams used), the next one captures it in a CUDA graph, later ones replay it.
+
+Per call only small copies happen on the host's stream: x, t, context, y into the static
+buffers (the hint embedding only when the run's cached embedding changed), then the replay, then
+(with `fresh_outputs`) one flat copy of the residuals. With `overlap` the replay runs on a side
+stream and the dict carries `"sync"`, which makes the host's stream wait for it.
+
+Anything the body cannot express (masks, grad mode, weights off the latent's device, a
+bad hint batch, input checks) goes back to the plain path by returning `NotImplemented`; a graph
+capture that fails marks the entry eager-only and says so once.
+"""
+
+from __future__ import annotations
+
+import collections
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from ..host import COND, StepRequest, unet_control
+from .options import FastOptions, enabled, get_options
+
+STATS: collections.Counter = collections.Counter()  # eager / capture / replay / fallback / capture_failed
+
+_RUNNERS: dict[tuple[int, ...], "_Runner"] = {}
+_SIDE: dict[int, torch.cuda.Stream] = {}
+_BRANCH: dict[tuple[int, int], torch.cuda.Stream] = {}
+_POOL: dict[int, Any] = {}
+_LAST_DONE: dict[int, torch.cuda.Event] = {}
+
+
+def _side_stream(dev: torch.device) -> torch.cuda.Stream:
+    i = dev.index if dev.index is not None else torch.cuda.current_device()
+    if i not in _SIDE:
+        _SIDE[i] = torch.cuda.Stream(device=dev)
+    return _SIDE[i]
+
+
+def _branch_stream(dev: torch.device, k: int) -> torch.cuda.Stream:
+    i = dev.index if dev.index is not None else torch.cuda.current_device()
+    if (i, k) not in _BRANCH:
+        _BRANCH[(i, k)] = torch.cuda.Stream(device=dev)
+    return _BRANCH[(i, k)]
+
+
+def _pool(dev: torch.device) -> Any:
+    i = dev.index if dev.index is not None else torch.cuda.current_device()
+    if i not in _POOL:
+        _POOL[i] = torch.cuda.graph_pool_handle()
+    return _POOL[i]
+
+
+def release() -> None:
+    """Drop every runner, graph and static buffer (e.g. after sampling, before freeing VRAM)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    _RUNNERS.clear()
+    _LAST_DONE.clear()
+    _POOL.clear()
+
+
+def stack_residuals(stack: Any, request: StepRequest) -> Any:
+    """The fast path for `ControlStack.residuals`: the residual dict, None (no control active),
+    or `NotImplemented` when the plain path must run instead."""
+    if not enabled():
+        return NotImplemented
+    opts = get_options()
+    controls = list(getattr(stack, "controls", ()))
+    if not controls:
+        return NotImplemented
+    x = request.x
+    if x.device.type != "cuda" and not opts.allow_cpu:
+        return NotImplemented
+    if torch.is_grad_enabled():
+        return NotImplemented
+    if any(c.mask is not None for c in controls):
+        return NotImplemented
+    key = tuple(id(c) for c in controls)
+    runner = _RUNNERS.get(key)
+    if runner is None or not runner.alive(controls):
+        runner = _Runner(controls, key)
+        _RUNNERS[key] = runner
+    try:
+        return runner(request, opts)
+    except _Fallback:
+        STATS["fallback"] += 1
+        return NotImplemented
+
+
+class _Fallback(Exception):
+    pass
+
+
+def _drop(key: tuple[int, ...]) -> None:
+    _RUNNERS.pop(key, None)
+
+
+@dataclass
+class _Spec:
+    control: Any
+    rows_key: tuple[int, ...] | None  # cond_or_uncond when only some rows run (cond-only)
+    global_pool: bool
+    scales: tuple[float, ...]
+
+
+@dataclass
+class _Entry:
+    specs: list[_Spec]
+    batch: int
+    chunks: int
+    x: torch.Tensor
+    t: torch.Tensor
+    ctx: torch.Tensor
+    y: torch.Tensor | None
+    embs: list[torch.Tensor]
+    emb_src: list[Any]
+    scales: list[torch.Tensor]
+    scale_src: list[tuple[float, ...]]
+    rows: list[torch.Tensor | None]
+    parallel: bool
+    out_flat: torch.Tensor | None = None
+    out_views: list[torch.Tensor] = field(default_factory=list)
+    layout: list[tuple[int, int, tuple[int, ...]]] = field(default_factory=list)
+    part_flats: dict[int, torch.Tensor] = field(default_factory=dict)
+    part_views: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    calls: int = 0
+    graph: Any = None
+    graph_failed: bool = False
+
+
+class _Runner:
+    def __init__(self, controls: Sequence[Any], key: tuple[int, ...]):
+        self.refs = [weakref.ref(c, lambda _r, k=key: _drop(k)) for c in controls]
+        self.entries: collections.OrderedDict[tuple, _Entry] = collections.OrderedDict()
+        self.weights_key: tuple | None = None
+
+    def alive(self, controls: Sequence[Any]) -> bool:
+        return len(controls) == len(self.refs) and all(r() is c for r, c in zip(self.refs, controls))
+
+    def controls(self) -> list[Any]:
+        return [r() for r in self.refs]
+
+    # ------------------------------------------------------------------------------------------
+    def __call__(self, request: StepRequest, opts: FastOptions) -> Any:
+        x = request.x
+        dev = x.device
+        cuda = dev.type == "cuda"
+        capturing = cuda and torch.cuda.is_current_stream_capturing()
+        batch, chunks = x.shape[0], len(request.cond_or_uncond)
+        sigma0 = float(request.sigma[0])
+
+        specs: list[_Spec] = []
+        for c in self.controls():
+            if not c.is_active(sigma0):
+                continue
+            rows_key = None
+            if c.settings.apply_to == "cond-only":
+                n_cond = sum(1 for k in request.cond_or_uncond if k == COND)
+                if n_cond == 0:
+                    continue
+                if n_cond < chunks:
+                    rows_key = request.cond_or_uncond
+            s = c.settings
+            specs.append(_Spec(c, rows_key, s.global_pool, tuple(s.strength * w for w in c.weights)))
+        if not specs:
+            return None
+
+        wkey = tuple(_weights_key(s.control.net) for s in specs)
+        if wkey != self.weights_key:
+            if capturing:
+                raise _Fallback
+            if any(_off_device(s.control.net, dev) for s in specs):
+                raise _Fallback
+            if self.entries:
+                _sync(dev)
+                self.entries.clear()
+            self.weights_key = wkey
+        embs = []
+        for s in specs:
+            e = s.control.hint_embedding(x.shape[-2], x.shape[-1], dev)
+            if e.shape[0] != 1 and e.shape[0] * chunks != batch:
+                raise _Fallback  # the plain path raises the right error
+            embs.append(e)
+
+        y = request.y
+        t = request.timesteps
+        if any(v is not None and v.device != dev for v in (t, request.context, y)):
+            raise _Fallback  # mixed devices: the plain path behaves (or fails) as it always did
+        parallel = bool(opts.parallel and cuda and len(specs) > 1)
+        key = (
+            tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, tuple(request.context.shape), request.context.dtype,
+            None if y is None else (tuple(y.shape), y.dtype), chunks, parallel,
+            tuple((id(s.control), s.rows_key, s.global_pool, tuple(e.shape), e.dtype) for s, e in zip(specs, embs)),
+        )
+        entry = self.entries.get(key)
+        if entry is None:
+            if capturing:
+                raise _Fallback
+            entry = self._new_entry(specs, request, embs, parallel)
+            self.entries[key] = entry
+            while len(self.entries) > opts.max_graphs:
+                _sync(dev)
+                self.entries.popitem(last=False)
+        else:
+            self.entries.move_to_end(key)
+            for s_new, s_old in zip(specs, entry.specs):  # strength may change between calls
+                s_old.scales = s_new.scales
+
+        cur = torch.cuda.current_stream(dev) if cuda else None
+        if cuda and not capturing and dev.index in _LAST_DONE:
+            cur.wait_event(_LAST_DONE[dev.index])  # the previous replay may still read the buffers
+        # --- inputs into the static buffers (on the host's stream) ---
+        entry.x.copy_(x)
+        entry.t.copy_(t)
+        entry.ctx.copy_(request.context)
+        if y is not None:
+            entry.y.copy_(y)
+        for k, (s, e) in enumerate(zip(entry.specs, embs)):
+            if entry.emb_src[k] is not e:
+                entry.embs[k].copy_(e)
+                entry.emb_src[k] = e
+            if entry.scale_src[k] != s.scales:
+                if capturing:
+                    raise _Fallback
+                entry.scales[k].copy_(torch.tensor(s.scales, dtype=torch.float32), non_blocking=False)
+                entry.scale_src[k] = s.scales
+
+        overlap = bool(opts.overlap and cuda)
+        # eager warm-up calls run on the side stream too when a graph will follow: the capture
+        # happens there, so cuBLAS/cuDNN are warm on that stream
+        warm_side = opts.graphs and entry.graph is None and not entry.graph_failed and not capturing
+        run = _side_stream(dev) if cuda and (overlap or warm_side) else cur
+        if cuda and run is not cur:
+            run.wait_stream(cur)
+        fresh = None
+        ctx_mgr = torch.cuda.stream(run) if cuda else _null()
+        with ctx_mgr:
+            if entry.graph is not None and not capturing:
+                entry.graph.replay()
+                STATS["replay"] += 1
+            else:
+                want_graph = (cuda and opts.graphs and not capturing and not entry.graph_failed
+                              and entry.out_flat is not None and entry.calls >= opts.warmup_calls)
+                if want_graph and self._capture(entry, dev):
+                    entry.graph.replay()
+                    STATS["replay"] += 1
+                else:
+                    _body(entry)
+                    STATS["eager"] += 1
+            entry.calls += 1
+        if opts.fresh_outputs:
+            fresh = torch.empty_like(entry.out_flat)  # allocated on the host's stream
+            with ctx_mgr:
+                fresh.copy_(entry.out_flat)
+            views = [fresh[o:o + n].view(shape) for o, n, shape in entry.layout]
+        else:
+            views = list(entry.out_views)
+        out = unet_control(views[:-1], views[-1])
+        if cuda and run is not cur:
+            done = torch.cuda.Event()
+            done.record(run)
+            if not capturing:
+                _LAST_DONE[dev.index] = done
+            if overlap:
+                out["sync"] = _Sync(cur, done)
+            else:
+                cur.wait_event(done)
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    def _new_entry(self, specs: list[_Spec], request: StepRequest, embs: list[torch.Tensor], parallel: bool) -> _Entry:
+        x = request.x
+        dev = x.device
+        rows: list[torch.Tensor | None] = []
+        for s in specs:
+            if s.rows_key is None:
+                rows.append(None)
+            else:
+                n = x.shape[0] // len(s.rows_key)
+                idx = [i * n + j for i, c in enumerate(s.rows_key) if c == COND for j in range(n)]
+                rows.append(torch.tensor(idx, dtype=torch.long, device=dev))
+        return _Entry(
+            specs=specs, batch=x.shape[0], chunks=len(request.cond_or_uncond),
+            x=torch.empty_like(x), t=torch.empty_like(request.timesteps),
+            ctx=torch.empty_like(request.context), y=None if request.y is None else torch.empty_like(request.y),
+            embs=[torch.empty_like(e) for e in embs], emb_src=[None] * len(specs),
+            scales=[torch.empty(len(s.scales), dtype=torch.float32, device=dev) for s in specs],
+            scale_src=[()] * len(specs), rows=rows, parallel=parallel,
+        )
+
+    def _capture(self, entry: _Entry, dev: torch.device) -> bool:
+        g = torch.cuda.CUDAGraph()
+        side = _side_stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        try:
+            with torch.cuda.stream(side):
+                g.capture_begin(pool=_pool(dev), capture_error_mode="thread_local")
+                try:
+                    _body(entry)
+                finally:
+                    g.capture_end()
+        except Exception as exc:  # an op that cannot be captured: stay eager for this entry
+            entry.graph_failed = True
+            STATS["capture_failed"] += 1
+            warnings.warn(f"ControlNet fast path: CUDA graph capture failed ({exc}); running eagerly", stacklevel=3)
+            torch.cuda.synchronize(dev)
+            return False
+        torch.cuda.current_stream(dev).wait_stream(side)
+        entry.graph = g
+        STATS["capture"] += 1
+        return True
+
+
+class _Sync:
+    """The `"sync"` callable of the residual dict: the host's stream waits for the ControlNet."""
+
+    __slots__ = ("stream", "event")
+
+    def __init__(self, stream: torch.cuda.Stream, event: torch.cuda.Event):
+        self.stream, self.event = stream, event
+
+    def __call__(self) -> None:
+        self.stream.wait_event(self.event)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+_REGISTRATIONS = [0]  # bumped whenever any module (re)registers a parameter or buffer
+_TENSORS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, list[torch.Tensor]]]" = weakref.WeakKeyDictionary()
+
+
+def _bump(*_a: object) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+_HOOKS = all(hasattr(torch.nn.modules.module, f"register_module_{w}_registration_hook") for w in ("parameter", "buffer"))
+if _HOOKS:  # torch >= 2.1; without them the tensor list is rebuilt at every call (slower, same result)
+    torch.nn.modules.module.register_module_parameter_registration_hook(_bump)
+    torch.nn.modules.module.register_module_buffer_registration_hook(_bump)
+
+
+def _weights_key(net: torch.nn.Module) -> tuple:
+    """Where the weights live now: a graph replays from these addresses, so any move or
+    replacement of a weight (offload/reload, a patcher's setattr) must drop the graphs. The
+    tensor list is cached per module and rebuilt after any parameter/buffer registration."""
+    cached = _TENSORS.get(net)
+    if cached is None or cached[0] != _REGISTRATIONS[0] or not _HOOKS:
+        cached = (_REGISTRATIONS[0], [*net.parameters(), *net.buffers()])
+        _TENSORS[net] = cached
+    return (id(net), *[t.data_ptr() for t in cached[1]])
+
+
+def _off_device(net: torch.nn.Module, dev: torch.device) -> bool:
+    return any(t.device != dev for t in [*net.parameters(), *net.buffers()])
+
+
+# ----------------------------------------------------------------------------------------------
+# the body: runs the ControlNets from the entry's static buffers into its output views
+
+
+def _body(entry: _Entry) -> None:
+    cuda = entry.x.device.type == "cuda"
+    main = torch.cuda.current_stream(entry.x.device) if cuda else None
+    branches: list[tuple[int, torch.cuda.Stream]] = []
+    for k, spec in enumerate(entry.specs):
+        branch = entry.parallel and k > 0
+        if branch:
+            s = _branch_stream(entry.x.device, k)
+            s.wait_stream(main)
+            with torch.cuda.stream(s):
+                rs = _control_outputs(entry, k)
+                _ensure_outputs(entry, rs, part=k)
+                _accumulate(entry, k, rs, entry.part_views[k], accumulate=False)
+            branches.append((k, s))
+        else:
+            rs = _control_outputs(entry, k)
+            _ensure_outputs(entry, rs)
+            _accumulate(entry, k, rs, entry.out_views, accumulate=k > 0)
+    for k, s in branches:
+        main.wait_stream(s)
+        entry.out_flat.add_(entry.part_flats[k])
+
+
+def _control_outputs(entry: _Entry, k: int) -> list[torch.Tensor]:
+    spec = entry.specs[k]
+    net = spec.control.net
+    x, t, ctx, y = entry.x, entry.t, entry.ctx, entry.y
+    emb = entry.embs[k]
+    if emb.shape[0] != 1 and entry.chunks > 1:
+        emb = emb.repeat(entry.chunks, *([1] * (emb.ndim - 1)))
+    rows = entry.rows[k]
+    if rows is not None:
+        b = entry.batch
+        x, t = x.index_select(0, rows), t.index_select(0, rows)
+        emb = emb.index_select(0, rows) if emb.shape[0] == b else emb
+        ctx = ctx.index_select(0, rows) if ctx.shape[0] == b else ctx
+        y = None if y is None else (y.index_select(0, rows) if y.shape[0] == b else y)
+    down, mid = net(x, None, t, ctx, y, hint_embedding=emb)
+    rs = [*down, mid]
+    if spec.global_pool:
+        rs = [r.mean(dim=(2, 3), keepdim=True).expand_as(r) for r in rs]
+    return rs
+
+
+def _ensure_outputs(entry: _Entry, rs: list[torch.Tensor], part: int | None = None) -> None:
+    """Allocate the flat output buffer (and a branch's own) from the first residuals seen."""
+    if part is None and entry.out_flat is not None:
+        return
+    if part is not None and part in entry.part_flats:
+        return
+    shapes = [(entry.batch, *r.shape[1:]) for r in rs]
+    layout, off = [], 0
+    for shape in shapes:
+        n = 1
+        for d in shape:
+            n *= d
+        layout.append((off, n, tuple(shape)))
+        off += n
+    flat = torch.empty(off, dtype=rs[0].dtype, device=rs[0].device)
+    views = [flat[o:o + n].view(shape) for o, n, shape in layout]
+    if part is None:
+        entry.out_flat, entry.out_views, entry.layout = flat, views, layout
+    else:
+        entry.part_flats[part], entry.part_views[part] = flat, views
+
+
+def _accumulate(entry: _Entry, k: int, rs: list[torch.Tensor], dst: list[torch.Tensor], accumulate: bool) -> None:
+    scales = entry.scales[k]
+    rows = entry.rows[k]
+    for i, (r, d) in enumerate(zip(rs, dst)):
+        s = scales[i]
+        if rows is None:
+            if accumulate:
+                d.addcmul_(r, s)
+            else:
+                torch.mul(r, s, out=d)
+        else:
+            rs_ = r * s
+            if accumulate:
+                d.index_add_(0, rows, rs_)
+            else:
+                d.zero_()
+                d.index_copy_(0, rows, rs_)
