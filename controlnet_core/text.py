@@ -1,0 +1,108 @@
+"""A tiny text encoder for the demo models: a fixed vocabulary, learned word + position embeddings
+and one transformer layer, producing a (B, 16, 64) context like a (very) small CLIP.
+
+    enc = TextEncoder()
+    ctx = enc(enc.tokenize(["a red circle and a blue square", ""]))   # (2, 16, 64)
+
+The vocabulary covers the procedural data set's prompts (`data.py`): colours, shapes, "a", "and",
+"on", background words. Unknown words map to `<unk>`; the empty prompt is all `<pad>`, a fixed
+sequence (the "unconditional" prompt for classifier-free guidance). It is trained jointly with the
+base model and frozen afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Sequence
+
+import torch
+from torch import nn
+
+SHAPE_COLOURS = ("red", "green", "blue", "yellow", "cyan", "magenta", "orange", "purple")
+BACKGROUND_COLOURS = ("black", "white", "gray")
+SHAPES = ("circle", "square", "triangle", "star", "line")
+FUNCTION_WORDS = ("a", "and", "on", "background", "gradient")
+PAD, UNK = "<pad>", "<unk>"
+VOCAB: tuple[str, ...] = (PAD, UNK, *FUNCTION_WORDS, *SHAPE_COLOURS, *BACKGROUND_COLOURS, *SHAPES)
+ALIASES = {"grey": "gray", "an": "a", "circles": "circle", "squares": "square", "triangles": "triangle",
+           "stars": "star", "lines": "line", "violet": "purple", "pink": "magenta", "box": "square"}
+MAX_TOKENS = 16
+CONTEXT_DIM = 64
+
+
+def words(prompt: str) -> list[str]:
+    """Lower-cased words of a prompt, aliases resolved."""
+    return [ALIASES.get(w, w) for w in re.findall(r"[a-z]+", prompt.lower())]
+
+
+def unknown_words(prompt: str) -> list[str]:
+    return [w for w in words(prompt) if w not in VOCAB]
+
+
+_INDEX = {w: i for i, w in enumerate(VOCAB)}
+
+
+def tokenize(prompts: Sequence[str] | str, max_tokens: int = MAX_TOKENS) -> torch.Tensor:
+    """(B, max_tokens) int64 token ids; longer prompts are cut, shorter ones padded with `<pad>` (0)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    ids = torch.zeros(len(prompts), max_tokens, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        toks = [_INDEX.get(w, _INDEX[UNK]) for w in words(p)][:max_tokens]
+        if toks:
+            ids[row, : len(toks)] = torch.tensor(toks)
+    return ids
+
+
+class TextEncoder(nn.Module):
+    META_KEY = "controlnet_core.text_encoder"
+
+    def __init__(self, dim: int = CONTEXT_DIM, max_tokens: int = MAX_TOKENS, heads: int = 4, layers: int = 1):
+        super().__init__()
+        self.dim, self.max_tokens, self.heads, self.layers = dim, max_tokens, heads, layers
+        self.token_embedding = nn.Embedding(len(VOCAB), dim)
+        self.position_embedding = nn.Parameter(torch.zeros(max_tokens, dim))
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, heads, dim * 4, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+            for _ in range(layers)
+        )
+        self.final_norm = nn.LayerNorm(dim)
+        nn.init.normal_(self.token_embedding.weight, std=0.5)
+        nn.init.normal_(self.position_embedding, std=0.1)
+
+    def config(self) -> dict:
+        return {"dim": self.dim, "max_tokens": self.max_tokens, "heads": self.heads, "layers": self.layers}
+
+    def tokenize(self, prompts: Sequence[str] | str) -> torch.Tensor:
+        return tokenize(prompts, self.max_tokens)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L) -> context (B, L, dim)."""
+        h = self.token_embedding(tokens) + self.position_embedding[: tokens.shape[1]]
+        for block in self.blocks:
+            h = block(h)
+        return self.final_norm(h)
+
+    def encode(self, prompts: Sequence[str] | str) -> torch.Tensor:
+        """Prompts -> context on this module's device."""
+        return self(self.tokenize(prompts).to(self.position_embedding.device))
+
+    def save(self, path: str, dtype: torch.dtype | None = None) -> None:
+        from safetensors.torch import save_file
+
+        sd = {k: (v.to(dtype) if dtype is not None else v).contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(sd, str(path), metadata={"format": "pt", self.META_KEY: json.dumps({**self.config(), "vocab": list(VOCAB)})})
+
+    @classmethod
+    def load(cls, path: str, device: torch.device | str = "cpu") -> "TextEncoder":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = json.loads((f.metadata() or {})[cls.META_KEY])
+            sd = {k: f.get_tensor(k).float() for k in f.keys()}
+        if tuple(meta.pop("vocab")) != VOCAB:
+            raise ValueError(f"{path}: the text encoder was trained with another vocabulary")
+        enc = cls(**meta)
+        enc.load_state_dict(sd)
+        return enc.to(device).eval()
