@@ -12,7 +12,7 @@ try:
 except ImportError as _e:  # pragma: no cover - exercised by a subprocess test
     logging.getLogger(__name__).error(
         "ComfyUI ControlNet Core is disabled: a dependency is missing (%s); install the pack's requirements "
-        "(pip install torch safetensors numpy opencv-python einops pillow) and restart ComfyUI", _e
+        "(pip install torch safetensors numpy opencv-python pillow) and restart ComfyUI", _e
     )
     NODE_CLASS_MAPPINGS: dict = {}
     NODE_DISPLAY_NAME_MAPPINGS: dict = {}

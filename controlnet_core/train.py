@@ -245,32 +245,21 @@ def _lr_at(step: int, lr: float, warmup: int) -> float:
     return lr * min(1.0, (step + 1) / max(1, warmup))
 
 
-def train_autoencoder(args: argparse.Namespace) -> dict:
-    """The image autoencoder: L1 + MSE reconstruction, noise on the (tanh-bounded) latent; then the
-    scale that brings the latents to unit std is measured and stored with the weights."""
-    device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ae = latent.TinyAutoencoder().to(device).train()
-    opt = _optimizer(ae.parameters(), args.lr, args.weight_decay, device)
-    loader = make_loader(args.seed + 2, args.batch, device, args.workers)
-    amp = args.amp and device.type == "cuda"
-    _log(f"autoencoder: {sum(p.numel() for p in ae.parameters()) / 1e6:.2f} M params, device {device}, "
-         f"batch {args.batch}, amp {amp}")
-    history: dict[str, Any] = {"mode": "autoencoder", "args": vars(args), "loss": []}
-    t0, step, acc, n_acc = time.time(), 0, 0.0, 0
+def _fit(name: str, args: argparse.Namespace, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
+         history: dict, loss_fn: Any, on_step: Any = None, t0: float | None = None) -> int:
+    """The loop the three stages share: linear lr warm-up, `loss_fn()` (which draws its own batch
+    and autocasts what it wants to), a clipped optimiser step, the mean loss logged every
+    `--log-every` steps; `on_step(step)` runs after each step (EMA, evaluation, checkpoints). Stops
+    at `--steps` or `--minutes`, whichever comes first; returns the number of steps taken."""
+    t0 = time.time() if t0 is None else t0
+    step, acc, n_acc = 0, 0.0, 0
     while step < args.steps and (time.time() - t0) < args.minutes * 60:
-        x = latent.from_uint8(next(loader)["images"].to(device, non_blocking=True))
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, args.lr, args.warmup)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            z = ae.encode_raw(x)
-            rec = ae.decode_raw(z + args.latent_noise * torch.randn_like(z)).float()
-            loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        loss = loss_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         acc += loss.detach()
@@ -278,8 +267,43 @@ def train_autoencoder(args: argparse.Namespace) -> dict:
         if step % args.log_every == 0 or step == args.steps:
             mean = float(acc) / n_acc
             history["loss"].append({"step": step, "loss": mean, "time": round(time.time() - t0, 2)})
-            _log(f"autoencoder step {step} loss {mean:.4f} ({step / (time.time() - t0):.1f} it/s)")
+            _log(f"{name} step {step} loss {mean:.4f} ({step / (time.time() - t0):.1f} it/s)")
             acc, n_acc = 0.0, 0
+        if on_step is not None:
+            on_step(step)
+    history["steps"], history["seconds"] = step, round(time.time() - t0, 1)
+    return step
+
+
+def _start(args: argparse.Namespace) -> tuple[torch.device, Path]:
+    """What every stage does first: pick the device, seed torch, make the output folder."""
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return device, out
+
+
+def train_autoencoder(args: argparse.Namespace) -> dict:
+    """The image autoencoder: L1 + MSE reconstruction, noise on the (tanh-bounded) latent; then the
+    scale that brings the latents to unit std is measured and stored with the weights."""
+    device, out = _start(args)
+    ae = latent.TinyAutoencoder().to(device).train()
+    opt = _optimizer(ae.parameters(), args.lr, args.weight_decay, device)
+    loader = make_loader(args.seed + 2, args.batch, device, args.workers)
+    amp = args.amp and device.type == "cuda"
+    _log(f"autoencoder: {sum(p.numel() for p in ae.parameters()) / 1e6:.2f} M params, device {device}, "
+         f"batch {args.batch}, amp {amp}")
+    history: dict[str, Any] = {"mode": "autoencoder", "args": vars(args), "loss": []}
+    def loss_fn() -> torch.Tensor:
+        x = latent.from_uint8(next(loader)["images"].to(device, non_blocking=True))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            z = ae.encode_raw(x)
+            rec = ae.decode_raw(z + args.latent_noise * torch.randn_like(z)).float()
+            return F.l1_loss(rec, x) + F.mse_loss(rec, x)
+
+    params = list(ae.parameters())
+    step = _fit("autoencoder", args, params, opt, history, loss_fn)
     ae.eval()
     val = validation_batch(64, seed=99)
     with torch.no_grad():
@@ -288,7 +312,6 @@ def train_autoencoder(args: argparse.Namespace) -> dict:
         rec = latent.to_uint8(ae.decode(ae.encode(latent.from_uint8(torch.from_numpy(val.images).to(device)))))
     from .data import batch_edge_f1
 
-    history["steps"], history["seconds"] = step, round(time.time() - t0, 1)
     history["scale"] = float(ae.scale)
     history["reconstruction_edge_f1"] = float(np.mean(batch_edge_f1(rec, val.hints)))
     history["reconstruction_mse"] = float(((rec.astype(np.float32) - val.images) / 127.5).__pow__(2).mean())
@@ -301,10 +324,7 @@ def train_autoencoder(args: argparse.Namespace) -> dict:
 
 
 def train_base(args: argparse.Namespace) -> dict:
-    device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    device, out = _start(args)
     ae = latent.TinyAutoencoder.load(str((Path(args.base) if args.base else out) / AE_FILE), device).requires_grad_(False)
     unet = UNet(TINY).to(device).train()
     text = TextEncoder().to(device).train()
@@ -326,32 +346,19 @@ def train_base(args: argparse.Namespace) -> dict:
         if (Path(args.base) if args.base else out) != out:
             ae.save(str(out / AE_FILE), torch.float16 if args.fp16 else None)
 
-    t0, step, acc, n_acc = time.time(), 0, 0.0, 0
-    while step < args.steps and (time.time() - t0) < args.minutes * 60:
+    def loss_fn() -> torch.Tensor:
         x0, _, tokens = to_model_inputs(next(loader), device, ae)
         tokens = drop_prompts(tokens, args.drop_prompt)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, args.lr, args.warmup)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            loss = base_loss(unet, text, diffusion, x0, tokens)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema_unet.update(unet, step)
-        ema_text.update(text, step)
-        step += 1
-        acc += loss.detach()
-        n_acc += 1
-        if step % args.log_every == 0 or step == args.steps:
-            mean = float(acc) / n_acc
-            history["loss"].append({"step": step, "loss": mean, "time": round(time.time() - t0, 2)})
-            _log(f"base step {step} loss {mean:.4f} ({step / (time.time() - t0):.1f} it/s)")
-            acc, n_acc = 0.0, 0
+            return base_loss(unet, text, diffusion, x0, tokens)
+
+    def on_step(step: int) -> None:
+        ema_unet.update(unet, step - 1)
+        ema_text.update(text, step - 1)
         if args.save_every and step % args.save_every == 0:
             save()
-    history["steps"] = step
-    history["seconds"] = round(time.time() - t0, 1)
+
+    step = _fit("base", args, params, opt, history, loss_fn, on_step)
     save()
     _, images = validation_f1(ema_unet.shadow, ema_text.shadow, ae, None, validation_batch(args.val_size),
                               steps=args.eval_steps, cfg=args.cfg)
@@ -364,10 +371,7 @@ def train_base(args: argparse.Namespace) -> dict:
 def train_controlnet(args: argparse.Namespace) -> dict:
     from .loader import save_controlnet
 
-    device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    device, out = _start(args)
     base_dir = Path(args.base) if args.base else out
     ae = latent.TinyAutoencoder.load(str(base_dir / AE_FILE), device).requires_grad_(False)
     unet = load_unet(base_dir / BASE_FILE, device).requires_grad_(False).eval()
@@ -394,39 +398,28 @@ def train_controlnet(args: argparse.Namespace) -> dict:
         save_controlnet(cn, out / CONTROLNET_FILE, dtype=torch.float16 if args.fp16 else None)
         _write_json(out / "history_controlnet.json", history)
 
-    t0, step, acc, n_acc = time.time(), 0, 0.0, 0
+    t0 = time.time()
     with torch.no_grad():
         empty = text.encode([""])
     if args.eval_every:
         evaluate(0)  # zero convs: exactly the base model, i.e. the "without control" score
-    while step < args.steps and (time.time() - t0) < args.minutes * 60:
+
+    def loss_fn() -> torch.Tensor:
         x0, hint, tokens = to_model_inputs(next(loader), device, ae)
         with torch.no_grad():
             context = text(tokens)
             drop = torch.rand(tokens.shape[0], device=device) < args.drop_prompt
             context = torch.where(drop[:, None, None], empty.expand_as(context), context)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, args.lr, args.warmup)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            loss = controlnet_loss(cn, unet, context, diffusion, x0, hint)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(cn.parameters(), 1.0)
-        opt.step()
-        step += 1
-        acc += loss.detach()
-        n_acc += 1
-        if step % args.log_every == 0 or step == args.steps:
-            mean = float(acc) / n_acc
-            history["loss"].append({"step": step, "loss": mean, "time": round(time.time() - t0, 2)})
-            _log(f"controlnet step {step} loss {mean:.4f} ({step / (time.time() - t0):.1f} it/s)")
-            acc, n_acc = 0.0, 0
+            return controlnet_loss(cn, unet, context, diffusion, x0, hint)
+
+    def on_step(step: int) -> None:
         if args.eval_every and step % args.eval_every == 0:
             evaluate(step)
         if args.save_every and step % args.save_every == 0:
             save()
-    history["steps"] = step
-    history["seconds"] = round(time.time() - t0, 1)
+
+    step = _fit("controlnet", args, list(cn.parameters()), opt, history, loss_fn, on_step, t0=t0)
     if args.eval_every and (not history["f1"] or history["f1"][-1]["step"] != step):
         evaluate(step)
     history["sudden_convergence_step"] = sudden_convergence_step(history["f1"])

@@ -150,38 +150,23 @@ def pixel_perfect_resolution(h: int, w: int, target_hw) -> int:
     return int(round(max(th / h, tw / w) * min(h, w)))
 
 
-def resize(batch: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Resize a float32 (N, H, W, C) batch to (N, h, w, C): area when shrinking, bicubic when growing.
-
-    Bicubic may overshoot; the result is clipped to [0, 1].
-    """
+def resize(batch: np.ndarray, h: int, w: int, grow: str = "cubic") -> np.ndarray:
+    """Resize a float32 (N, H, W, C) batch to (N, h, w, C): area when shrinking; when growing,
+    `grow="cubic"` for images (clipped to [0, 1], since bicubic overshoots) or `"linear"` for hints
+    going back to the input size (binary edge maps get no ringing and stay in [0, 1])."""
     n, H, W, c = batch.shape
     if (H, W) == (h, w):
         return batch
     cv = cv2()
-    interp = cv.INTER_AREA if (h <= H and w <= W) else cv.INTER_CUBIC
-    out = np.empty((n, h, w, c), np.float32)
-    for i in range(n):
-        r = cv.resize(batch[i], (w, h), interpolation=interp)
-        out[i] = r.reshape(h, w, c)
-    if interp == cv.INTER_CUBIC:
-        np.clip(out, 0.0, 1.0, out=out)
-    return out
-
-
-def resize_back(batch: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Resize a hint batch back to the input size: area when shrinking, bilinear when growing.
-
-    Bilinear (not bicubic) so binary edge maps get no ringing and stay in [0, 1].
-    """
-    n, H, W, c = batch.shape
-    if (H, W) == (h, w):
-        return batch
-    cv = cv2()
-    interp = cv.INTER_AREA if (h <= H and w <= W) else cv.INTER_LINEAR
+    if h <= H and w <= W:
+        interp = cv.INTER_AREA
+    else:
+        interp = {"cubic": cv.INTER_CUBIC, "linear": cv.INTER_LINEAR}[grow]
     out = np.empty((n, h, w, c), np.float32)
     for i in range(n):
         out[i] = cv.resize(batch[i], (w, h), interpolation=interp).reshape(h, w, c)
+    if interp == cv.INTER_CUBIC:
+        np.clip(out, 0.0, 1.0, out=out)
     return out
 
 

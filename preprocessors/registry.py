@@ -45,7 +45,6 @@ from .image import (
     frame_to_float,
     pixel_perfect_resolution,
     resize,
-    resize_back,
     to_mask_batch,
     working_size,
 )
@@ -284,7 +283,7 @@ def run(
         if m.needs_mask:
             frame_kw["mask"] = kw["mask"][i : i + 1] if m.batched else kw["mask"][i]
         r = m.fn(work, **frame_kw) if m.batched else m.fn(work[0], **frame_kw)[None]
-        out[i] = resize_back(_as_rgb(r, work.shape, m.name), h, w)
+        out[i] = resize(_as_rgb(r, work.shape, m.name), h, w, grow="linear")
 
     workers = min(n, _threads())
     if workers <= 1:

@@ -8,6 +8,7 @@ higher with control.
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 
@@ -71,7 +72,10 @@ def test_strength_zero_equals_no_control_bitwise(models, scenes):
 def test_demo_command_writes_sheet_and_shows_progress(tmp_path, capsys):
     assert demo.main(["--out", str(tmp_path), "--steps", "3", "--rows", "1"]) == 0
     err = capsys.readouterr()
-    assert "100.0%" in err.err and "[###" in err.err
+    # pytest's capture is not a terminal: one progress line per run, no carriage-return frames
+    assert "\r" not in err.err
+    assert [line.split("s ", 1)[1] for line in err.err.splitlines()] == [
+        "no control", "strength 0.5", "strength 1.0", "first half (end 0.5)", "two controls", "done"]
     assert "strength 1.0" in err.out
     files = {p.name for p in tmp_path.iterdir()}
     assert {"contact_sheet.png", "input.png", "hint.png", "no_control_seed0.png", "strength_0.5_seed0.png",
@@ -80,6 +84,20 @@ def test_demo_command_writes_sheet_and_shows_progress(tmp_path, capsys):
 
     with Image.open(tmp_path / "contact_sheet.png") as im:
         assert im.width > 8 * 256
+
+
+def test_progress_bar_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Tty()
+    bar = demo.Progress(4, width=8, stream=stream)
+    for _ in range(4):
+        bar.step()
+    bar.close()
+    frames = stream.getvalue().split("\r")[1:]
+    assert len(frames) == 4 and frames[1].startswith("[####----]  50.0%") and frames[-1].endswith("\n")
 
 
 def test_demo_takes_a_given_image(tmp_path):

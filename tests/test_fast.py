@@ -90,6 +90,13 @@ def fast_run(stack, req, **opts):
         return stack.residuals(req)
 
 
+def started(*controls: Control) -> ControlStack:
+    """A stack of these controls after its per-run start (hint embeddings reset)."""
+    stack = ControlStack(list(controls))
+    stack.pre_run(everything)
+    return stack
+
+
 @pytest.fixture(autouse=True)
 def _fresh_runners():
     fast.release()
@@ -103,10 +110,7 @@ def _fresh_runners():
 
 
 def test_noop_off_cuda_identical():
-    net = make_net()
-    c = Control(net, hint())
-    stack = ControlStack([c])
-    stack.pre_run(everything)
+    stack = started(Control(make_net(), hint()))
     req = make_request(TINY_SD15)
     with torch.no_grad():
         a = stack.residuals(req)
@@ -132,8 +136,7 @@ def test_noop_off_cuda_identical():
 def test_fast_body_matches_plain_on_cpu(settings):
     cfg = TINY_SDXL if len(settings) == 2 else TINY_SD15
     controls = [Control(make_net(cfg, seed=i), hint(seed=i), s) for i, s in enumerate(settings)]
-    stack = ControlStack(controls)
-    stack.pre_run(everything)
+    stack = started(*controls)
     with torch.no_grad():
         for seed in (1, 2, 3):  # new inputs every call: the static buffers must be refilled
             req = make_request(cfg, seed=seed)
@@ -148,8 +151,7 @@ def test_fast_body_matches_plain_on_cpu(settings):
 def test_fast_body_shape_change_strength_change_and_inactive():
     net = make_net()
     c = Control(net, hint(), ControlSettings(end_percent=0.5))  # active for sigma >= 5
-    stack = ControlStack([c])
-    stack.pre_run(everything)
+    stack = started(c)
     with torch.no_grad(), fast.override(allow_cpu=True, max_graphs=2):
         for size in (4, 3, 4, 2):
             req = make_request(TINY_SD15, size=size)
@@ -164,9 +166,7 @@ def test_fast_body_shape_change_strength_change_and_inactive():
 
 
 def test_fresh_outputs_and_static_views():
-    c = Control(make_net(), hint())
-    stack = ControlStack([c])
-    stack.pre_run(everything)
+    stack = started(Control(make_net(), hint()))
     with torch.no_grad(), fast.override(allow_cpu=True):
         a = stack.residuals(make_request(TINY_SD15, seed=1))
         b = stack.residuals(make_request(TINY_SD15, seed=2))
@@ -180,9 +180,7 @@ def test_fresh_outputs_and_static_views():
 
 def test_weight_replacement_drops_entries():
     net = make_net()
-    c = Control(net, hint())
-    stack = ControlStack([c])
-    stack.pre_run(everything)
+    stack = started(Control(net, hint()))
     req = make_request(TINY_SD15)
     with torch.no_grad(), fast.override(allow_cpu=True):
         stack.residuals(req)
@@ -192,8 +190,7 @@ def test_weight_replacement_drops_entries():
 
 def test_masks_and_grad_mode_use_plain_path():
     c = Control(make_net(), hint(), mask=torch.ones(1, 8, 8))
-    stack = ControlStack([c])
-    stack.pre_run(everything)
+    stack = started(c)
     with fast.override(allow_cpu=True):
         with torch.no_grad():
             stack.residuals(make_request(TINY_SD15))
@@ -206,9 +203,7 @@ def test_switches(monkeypatch):
     assert fast.enabled()
     monkeypatch.setenv("CNCORE_FAST", "0")
     assert not fast.enabled()
-    c = Control(make_net(), hint())
-    stack = ControlStack([c])
-    stack.pre_run(everything)
+    stack = started(Control(make_net(), hint()))
     with torch.no_grad(), fast.override(allow_cpu=True):
         stack.residuals(make_request(TINY_SD15))
     assert sum(fast.STATS.values()) == 0
@@ -281,9 +276,7 @@ def _stack(cfgs, device, dtype, n=1, settings=None):
     for i in range(n):
         s = settings[i] if settings else ControlSettings(strength=1.0 - 0.2 * i)
         controls.append(Control(make_net(cfgs, seed=i, device=device, dtype=dtype), hint(seed=i), s))
-    st = ControlStack(controls)
-    st.pre_run(everything)
-    return st
+    return started(*controls)
 
 
 @pytest.mark.cuda
