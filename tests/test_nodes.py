@@ -553,3 +553,45 @@ def test_preprocessor_pixel_perfect_takes_the_size_from_the_latent():
     torch.testing.assert_close(hint, torch.from_numpy(ref))
     with pytest.raises(pp.PreprocessorError, match="unknown preprocessor"):
         node.run(image, "nope", 64, False, **defaults)
+
+
+# The saved-workflow contract as released in 0.1.0. The UI stores widget values by position and API
+# prompts by name, so these lists may only grow at their end, and released choices never disappear.
+# (Written out by hand on purpose: a change to the node specs must not be able to move it.)
+RELEASED_INPUTS = {
+    "CNCore_LoadControlNet": (["control_net_name"], []),
+    "CNCore_Preprocessor": (
+        ["image", "method", "resolution", "pixel_perfect", "low_threshold", "high_threshold", "auto_threshold",
+         "blur", "threshold", "sigma", "contrast", "thickness", "drawn", "min_length", "detector", "downsample",
+         "grid", "seed"],
+        ["mask", "latent"]),
+    "CNCore_ApplyControlNet": (
+        ["positive", "negative", "control_net", "image", "strength", "start_percent", "end_percent",
+         "control_mode", "resize_mode", "interpolation"],
+        ["vae", "mask", "control_stack"]),
+    "CNCore_CombineControls": (["control_net", "image", "strength", "start_percent", "end_percent"],
+                               ["mask", "control_stack"]),
+}
+RELEASED_CHOICES = {
+    ("CNCore_Preprocessor", "method"): ["canny", "softedge", "scribble", "lineart", "threshold", "invert",
+                                        "grayscale", "tile", "color_grid", "shuffle", "inpaint", "lines"],
+    ("CNCore_ApplyControlNet", "control_mode"): ["balanced", "prompt is more important",
+                                                 "controlnet is more important", "guess mode"],
+    ("CNCore_ApplyControlNet", "resize_mode"): ["stretch", "crop", "pad"],
+    ("CNCore_ApplyControlNet", "interpolation"): ["nearest-exact", "bilinear", "bicubic", "area"],
+}
+
+
+@pytest.mark.parametrize("node_id", sorted(RELEASED_INPUTS))
+def test_saved_workflows_keep_working_inputs_only_grow_at_the_end(node_id):
+    spec = NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()
+    required, optional = RELEASED_INPUTS[node_id]
+    assert list(spec["required"])[: len(required)] == required
+    assert list(spec.get("optional", {}))[: len(optional)] == optional
+
+
+@pytest.mark.parametrize("node_input", sorted(RELEASED_CHOICES))
+def test_released_choices_stay_available(node_input):
+    node_id, name = node_input
+    choices = NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()["required"][name][0]
+    assert set(RELEASED_CHOICES[node_input]) <= set(choices)
