@@ -21,6 +21,8 @@ capture that fails marks the entry eager-only and says so once.
 from __future__ import annotations
 
 import collections
+import contextlib
+import math
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..hint import tile_to_batch
 from ..host import COND, StepRequest, unet_control
 from .options import FastOptions, enabled, get_options
 
@@ -40,25 +43,23 @@ _POOL: dict[int, Any] = {}
 _LAST_DONE: dict[int, torch.cuda.Event] = {}
 
 
+# Per-device singletons. `dev` is always a tensor's device, which carries its index.
 def _side_stream(dev: torch.device) -> torch.cuda.Stream:
-    i = dev.index if dev.index is not None else torch.cuda.current_device()
-    if i not in _SIDE:
-        _SIDE[i] = torch.cuda.Stream(device=dev)
-    return _SIDE[i]
+    if dev.index not in _SIDE:
+        _SIDE[dev.index] = torch.cuda.Stream(device=dev)
+    return _SIDE[dev.index]
 
 
 def _branch_stream(dev: torch.device, k: int) -> torch.cuda.Stream:
-    i = dev.index if dev.index is not None else torch.cuda.current_device()
-    if (i, k) not in _BRANCH:
-        _BRANCH[(i, k)] = torch.cuda.Stream(device=dev)
-    return _BRANCH[(i, k)]
+    if (dev.index, k) not in _BRANCH:
+        _BRANCH[(dev.index, k)] = torch.cuda.Stream(device=dev)
+    return _BRANCH[(dev.index, k)]
 
 
 def _pool(dev: torch.device) -> Any:
-    i = dev.index if dev.index is not None else torch.cuda.current_device()
-    if i not in _POOL:
-        _POOL[i] = torch.cuda.graph_pool_handle()
-    return _POOL[i]
+    if dev.index not in _POOL:
+        _POOL[dev.index] = torch.cuda.graph_pool_handle()
+    return _POOL[dev.index]
 
 
 def release() -> None:
@@ -166,7 +167,7 @@ class _Runner:
                 continue
             rows_key = None
             if c.settings.apply_to == "cond-only":
-                n_cond = sum(1 for k in request.cond_or_uncond if k == COND)
+                n_cond = list(request.cond_or_uncond).count(COND)
                 if n_cond == 0:
                     continue
                 if n_cond < chunks:
@@ -244,7 +245,7 @@ class _Runner:
         if cuda and run is not cur:
             run.wait_stream(cur)
         fresh = None
-        ctx_mgr = torch.cuda.stream(run) if cuda else _null()
+        ctx_mgr = torch.cuda.stream(run) if cuda else contextlib.nullcontext()
         with ctx_mgr:
             if entry.graph is not None and not capturing:
                 entry.graph.replay()
@@ -282,14 +283,9 @@ class _Runner:
     def _new_entry(self, specs: list[_Spec], request: StepRequest, embs: list[torch.Tensor], parallel: bool) -> _Entry:
         x = request.x
         dev = x.device
-        rows: list[torch.Tensor | None] = []
-        for s in specs:
-            if s.rows_key is None:
-                rows.append(None)
-            else:
-                n = x.shape[0] // len(s.rows_key)
-                idx = [i * n + j for i, c in enumerate(s.rows_key) if c == COND for j in range(n)]
-                rows.append(torch.tensor(idx, dtype=torch.long, device=dev))
+        # a rows_key is this request's cond_or_uncond, so its cond rows are the request's
+        cond_rows = request.rows(COND) if any(s.rows_key is not None for s in specs) else None
+        rows = [None if s.rows_key is None else cond_rows for s in specs]
         return _Entry(
             specs=specs, batch=x.shape[0], chunks=len(request.cond_or_uncond),
             x=torch.empty_like(x), t=torch.empty_like(request.timesteps),
@@ -334,14 +330,6 @@ class _Sync:
         self.stream.wait_event(self.event)
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: object) -> None:
-        return None
-
-
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -356,15 +344,25 @@ def _bump(*_a: object) -> None:
 
 
 _HOOKS = all(hasattr(torch.nn.modules.module, f"register_module_{w}_registration_hook") for w in ("parameter", "buffer"))
-if _HOOKS:  # torch >= 2.1; without them the tensor list is rebuilt at every call (slower, same result)
-    torch.nn.modules.module.register_module_parameter_registration_hook(_bump)
-    torch.nn.modules.module.register_module_buffer_registration_hook(_bump)
+_HOOKED = [False]
+
+
+def _hook_registrations() -> None:
+    """Install the global registration hooks on the first fast-path call, not at import: importing
+    the pack must not change how every module in the host process registers its weights. Caches
+    are built after this point, so registrations before it need no count. Without the hooks
+    (torch < 2.1) the tensor list is rebuilt at every call (slower, same result)."""
+    if _HOOKS and not _HOOKED[0]:
+        torch.nn.modules.module.register_module_parameter_registration_hook(_bump)
+        torch.nn.modules.module.register_module_buffer_registration_hook(_bump)
+        _HOOKED[0] = True
 
 
 def _weights_key(net: torch.nn.Module) -> tuple:
     """Where the weights live now: a graph replays from these addresses, so any move or
     replacement of a weight (offload/reload, a patcher's setattr) must drop the graphs. The
     tensor list is cached per module and rebuilt after any parameter/buffer registration."""
+    _hook_registrations()
     cached = _TENSORS.get(net)
     if cached is None or cached[0] != _REGISTRATIONS[0] or not _HOOKS:
         cached = (_REGISTRATIONS[0], [*net.parameters(), *net.buffers()])
@@ -407,9 +405,7 @@ def _control_outputs(entry: _Entry, k: int) -> list[torch.Tensor]:
     spec = entry.specs[k]
     net = spec.control.net
     x, t, ctx, y = entry.x, entry.t, entry.ctx, entry.y
-    emb = entry.embs[k]
-    if emb.shape[0] != 1 and entry.chunks > 1:
-        emb = emb.repeat(entry.chunks, *([1] * (emb.ndim - 1)))
+    emb = tile_to_batch(entry.embs[k], entry.batch, entry.chunks)  # shape checked before the entry was made
     rows = entry.rows[k]
     if rows is not None:
         b = entry.batch
@@ -430,14 +426,11 @@ def _ensure_outputs(entry: _Entry, rs: list[torch.Tensor], part: int | None = No
         return
     if part is not None and part in entry.part_flats:
         return
-    shapes = [(entry.batch, *r.shape[1:]) for r in rs]
     layout, off = [], 0
-    for shape in shapes:
-        n = 1
-        for d in shape:
-            n *= d
-        layout.append((off, n, tuple(shape)))
-        off += n
+    for r in rs:
+        shape = (entry.batch, *r.shape[1:])
+        layout.append((off, math.prod(shape), shape))
+        off += math.prod(shape)
     flat = torch.empty(off, dtype=rs[0].dtype, device=rs[0].device)
     views = [flat[o:o + n].view(shape) for o, n, shape in layout]
     if part is None:
