@@ -256,22 +256,22 @@ def apply_control(
     hint = image.movedim(-1, 1)
 
     if not ours and plain and mask is None and not entries:
-        def make(prev):  # ComfyUI's own control object, applied as ControlNetApplyAdvanced does
+        def make():  # ComfyUI's own control object, applied as ControlNetApplyAdvanced does
             return control_net.copy().set_cond_hint(hint, strength, (start_percent, end_percent), vae=vae)
     else:
         template = control_net if ours else control_class()(_handle_for(control_net))
         bound = [_bind(e) for e in entries if float(e.strength) != 0]
         handle = template.handle
 
-        def make(prev):
+        def make():
             c = template.copy().set_cond_hint(hint, strength, (start_percent, end_percent), vae=vae)
             c.cncore_mode, c.cncore_resize, c.cncore_interpolation = control_mode, resize_mode, interpolation
             c.cncore_mask = mask
             c.cncore_entries = list(bound)
             return c
 
-        probe = make(None)
-        probe.cncore_controls()  # validates settings, hints, masks and the stack's architectures now
+        probe = make()
+        probe.cncore_stack()  # validates settings, hints, masks and the stack's architectures now
         check_conditioning(probe.cncore_handles(), positive, negative)
         if not ours:
             log.debug("CNCore: using %s through the CNCore runtime", handle.name)
@@ -285,7 +285,7 @@ def apply_control(
             prev = d.get("control")
             key = id(prev)
             if key not in made:
-                made[key] = make(prev).set_previous_controlnet(prev)
+                made[key] = make().set_previous_controlnet(prev)
             d["control"] = made[key]
             d["control_apply_to_uncond"] = False
             c_out.append([t, d])

@@ -169,8 +169,9 @@ class CoreControlMixin:
             interpolation=self.cncore_interpolation,
         )
 
-    def cncore_controls(self) -> list[Control]:
-        """The core controls this object evaluates: its own (unless strength 0) + its stack entries."""
+    def cncore_stack(self) -> ControlStack:
+        """The core controls this object evaluates, its own (unless strength 0) + its stack entries, as
+        one stack (which refuses controls of different architectures)."""
         controls = []
         if self.cond_hint_original is None:
             raise InputError(
@@ -188,8 +189,7 @@ class CoreControlMixin:
                 Control(e.handle.net, e.hint, self.cncore_settings(e.strength, e.start_percent, e.end_percent),
                         mask=e.mask)
             )
-        ControlStack(controls)  # raises if the architectures differ
-        return controls
+        return ControlStack(controls)
 
     def cncore_handles(self) -> list[NetHandle]:
         out: list[NetHandle] = []
@@ -216,7 +216,7 @@ class CoreControlMixin:
         self._cncore_stack = None
         self._cncore_checked = set()
         self.cncore_check_model(model)
-        stack = ControlStack(self.cncore_controls())
+        stack = self.cncore_stack()
         stack.pre_run(percent_to_timestep_function)
         self._cncore_stack = stack
         self._cncore_sampling = model.model_sampling
