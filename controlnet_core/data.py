@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..preprocessors import canny
+from ..preprocessors.image import luma
 from .text import BACKGROUND_COLOURS, MAX_TOKENS, SHAPE_COLOURS, SHAPES, tokenize
 
 IMAGE_SIZE = 128
@@ -36,13 +37,8 @@ RGB = {
     "cyan": (30, 210, 220), "magenta": (220, 40, 200), "orange": (250, 140, 20), "purple": (130, 40, 180),
     "black": (10, 10, 10), "white": (245, 245, 245), "gray": (128, 128, 128),
 }
-LUMA = {name: 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2] for name, c in RGB.items()}
+LUMA = {name: float(v) for name, v in zip(RGB, luma(np.array(list(RGB.values()), np.float32)))}
 MIN_CONTRAST = 55  # luminance difference between a shape and the background under it
-
-
-def luminance(rgb: Sequence[float] | np.ndarray) -> np.ndarray:
-    c = np.asarray(rgb, dtype=np.float32)
-    return c[..., 0] * 0.299 + c[..., 1] * 0.587 + c[..., 2] * 0.114
 
 
 @dataclass(frozen=True)
@@ -144,7 +140,7 @@ def random_scene(rng: np.random.Generator, size: int = IMAGE_SIZE) -> tuple[np.n
             if flat:
                 lo = hi = LUMA[bg]
             else:
-                lum = luminance(image[y0:y1, x0:x1])
+                lum = luma(image[y0:y1, x0:x1].astype(np.float32))
                 lo, hi = float(lum.min()), float(lum.max())
             colours = [SHAPE_COLOURS[i] for i in rng.permutation(len(SHAPE_COLOURS)) if SHAPE_COLOURS[i] not in used]
             ok = [c for c in colours if LUMA[c] < lo - MIN_CONTRAST or LUMA[c] > hi + MIN_CONTRAST]

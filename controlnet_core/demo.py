@@ -32,6 +32,7 @@ from . import latent
 from .control import Control, ControlSettings, ControlStack
 from .data import IMAGE_SIZE, batch_edge_f1, builtin_scene, hint_of, prompt_for, BUILTIN_SCENES
 from .loader import load_controlnet
+from .sheet import contact_sheet
 from .text import TextEncoder, unknown_words, VOCAB
 from .train import AE_FILE, BASE_FILE, CONTROLNET_FILE, TEXT_FILE, WEIGHTS_DIR, load_unet
 
@@ -156,30 +157,6 @@ def run_settings(models: DemoModels, image: np.ndarray, prompt: str, *, second: 
     return out
 
 
-def contact_sheet(columns: list[tuple[str, np.ndarray, list[str] | None]], path: str | Path, title: str = "",
-                  scale: int = 2) -> None:
-    """Labelled columns of images: (label, uint8 (rows, H, W, 3), optional caption per row)."""
-    from PIL import Image, ImageDraw
-
-    rows = max(c[1].shape[0] for c in columns)
-    h, w = columns[0][1].shape[1] * scale, columns[0][1].shape[2] * scale
-    head, cap, gap = 40 if title else 22, 14, 6
-    sheet = Image.new("RGB", (len(columns) * (w + gap) + gap, head + rows * (h + cap + gap) + gap), "white")
-    d = ImageDraw.Draw(sheet)
-    if title:
-        d.text((gap, 4), title, fill="black")
-    for c, (label, imgs, captions) in enumerate(columns):
-        x = gap + c * (w + gap)
-        d.text((x + 2, head - 16), label, fill="black")
-        for r in range(rows):
-            im = imgs[min(r, imgs.shape[0] - 1)]
-            y = head + r * (h + cap + gap)
-            sheet.paste(Image.fromarray(im).resize((w, h), Image.Resampling.LANCZOS), (x, y))
-            if captions:
-                d.text((x + 2, y + h + 1), captions[r], fill=(60, 60, 60))
-    sheet.save(path)
-
-
 def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch == "." else "_" for ch in name).strip("_").replace("__", "_")
 
@@ -229,13 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     progress.step(0)
     progress.close()
 
-    hint = hint_of(image)
-    hint2 = np.maximum(hint, hint_of(second))
+    hint, second_hint = hint_of(image), hint_of(second)
+    hint2 = np.maximum(hint, second_hint)
     from PIL import Image
 
     Image.fromarray(image).save(out / "input.png")
     Image.fromarray(hint).save(out / "hint.png")
-    Image.fromarray(hint_of(second)).save(out / "hint2.png")
+    Image.fromarray(second_hint).save(out / "hint2.png")
     columns: list[tuple[str, np.ndarray, list[str] | None]] = [
         ("input", image[None], None), ("canny hint", hint[None], None)]
     print(f"prompt: {prompt!r}" + (f" (two controls: {combined!r})" if combined else ""))

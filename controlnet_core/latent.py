@@ -22,10 +22,13 @@ sampler would keep the noise the model cannot predict.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from .formats.files import read_safetensors, write_safetensors
 
 FACTOR = 8
 IMAGE_CHANNELS = 3
@@ -83,19 +86,13 @@ class TinyAutoencoder(nn.Module):
         return {"latent_channels": self.latent_channels, "widths": list(self.widths), "scale": float(self.scale)}
 
     def save(self, path: str, dtype: torch.dtype | None = None) -> None:
-        from safetensors.torch import save_file
-
-        sd = {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu()
-              for k, v in self.state_dict().items() if k != "scale"}
-        save_file(sd, str(path), metadata={"format": "pt", META_KEY: json.dumps(self.config())})
+        sd = {k: (v.to(dtype) if dtype is not None else v) for k, v in self.state_dict().items() if k != "scale"}
+        write_safetensors(sd, path, {"format": "pt", META_KEY: json.dumps(self.config())})
 
     @classmethod
     def load(cls, path: str, device: torch.device | str = "cpu") -> "TinyAutoencoder":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = json.loads((f.metadata() or {})[META_KEY])
-            sd = {k: f.get_tensor(k).float() for k in f.keys()}
+        sd, meta = read_safetensors(Path(path), cast=lambda t: t.float())
+        meta = json.loads(meta[META_KEY])
         ae = cls(meta["latent_channels"], tuple(meta["widths"]), meta["scale"])
         ae.load_state_dict(sd, strict=False)
         missing = set(ae.state_dict()) - set(sd) - {"scale"}

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
+
+from .formats.files import read_safetensors, write_safetensors
 
 SHAPE_COLOURS = ("red", "green", "blue", "yellow", "cyan", "magenta", "orange", "purple")
 BACKGROUND_COLOURS = ("black", "white", "gray")
@@ -89,18 +92,13 @@ class TextEncoder(nn.Module):
         return self(self.tokenize(prompts).to(self.position_embedding.device))
 
     def save(self, path: str, dtype: torch.dtype | None = None) -> None:
-        from safetensors.torch import save_file
-
-        sd = {k: (v.to(dtype) if dtype is not None else v).contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(sd, str(path), metadata={"format": "pt", self.META_KEY: json.dumps({**self.config(), "vocab": list(VOCAB)})})
+        sd = {k: (v.to(dtype) if dtype is not None else v) for k, v in self.state_dict().items()}
+        write_safetensors(sd, path, {"format": "pt", self.META_KEY: json.dumps({**self.config(), "vocab": list(VOCAB)})})
 
     @classmethod
     def load(cls, path: str, device: torch.device | str = "cpu") -> "TextEncoder":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = json.loads((f.metadata() or {})[cls.META_KEY])
-            sd = {k: f.get_tensor(k).float() for k in f.keys()}
+        sd, meta = read_safetensors(Path(path), cast=lambda t: t.float())
+        meta = json.loads(meta[cls.META_KEY])
         if tuple(meta.pop("vocab")) != VOCAB:
             raise ValueError(f"{path}: the text encoder was trained with another vocabulary")
         enc = cls(**meta)

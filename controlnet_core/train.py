@@ -41,9 +41,11 @@ import torch.nn.functional as F
 from . import latent
 from .config import SD15, ControlNetConfig
 from .data import validation_batch
+from .formats.files import read_safetensors, write_safetensors
 from .host import unet_control
 from .model import ControlNet
 from .schedule import DiscreteSchedule
+from .sheet import contact_sheet
 from .text import CONTEXT_DIM, TextEncoder
 from .unet import UNet
 
@@ -74,20 +76,14 @@ UNET_META_KEY = "controlnet_core.unet_config"
 
 def save_unet(unet: UNet, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
     """The base UNet with LDM key names (no `model.diffusion_model.` prefix) and its config in the metadata."""
-    from safetensors.torch import save_file
-
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
-          for k, v in unet.state_dict().items()}
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in unet.state_dict().items()}
     meta = {"format": "pt", UNET_META_KEY: json.dumps({**dataclasses.asdict(unet.config), "out_channels": unet.out_channels})}
-    save_file(sd, str(path), metadata=meta)
+    write_safetensors(sd, path, meta)
 
 
 def load_unet(path: str | os.PathLike, device: Any = "cpu", dtype: torch.dtype = torch.float32) -> UNet:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = json.loads((f.metadata() or {})[UNET_META_KEY])
-        sd = {k: f.get_tensor(k).to(dtype) for k in f.keys()}
+    sd, meta = read_safetensors(Path(path), cast=lambda t: t.to(dtype))
+    meta = json.loads(meta[UNET_META_KEY])
     out_channels = meta.pop("out_channels")
     cfg = ControlNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()})
     unet = UNet(cfg, out_channels=out_channels, dtype=dtype)
@@ -317,7 +313,8 @@ def train_autoencoder(args: argparse.Namespace) -> dict:
     history["reconstruction_mse"] = float(((rec.astype(np.float32) - val.images) / 127.5).__pow__(2).mean())
     ae.save(str(out / AE_FILE), torch.float16 if args.fp16 else None)
     _write_json(out / "history_autoencoder.json", history)
-    _save_strip([val.images[:8], rec[:8]], [0, step], out / "autoencoder_reconstructions.png", ["data", "decoded"])
+    contact_sheet([("data", val.images[:8], None), ("decoded", rec[:8], None)], out / "autoencoder_reconstructions.png",
+                  scale=1)
     _log(f"autoencoder: {step} steps in {history['seconds']} s, scale {history['scale']:.3f}, reconstruction "
          f"edge F1 {history['reconstruction_edge_f1']:.3f}, mse {history['reconstruction_mse']:.4f} -> {out}")
     return history
@@ -362,8 +359,8 @@ def train_base(args: argparse.Namespace) -> dict:
     save()
     _, images = validation_f1(ema_unet.shadow, ema_text.shadow, ae, None, validation_batch(args.val_size),
                               steps=args.eval_steps, cfg=args.cfg)
-    _save_strip([validation_batch(args.val_size).images, images], [0, step], out / "base_samples.png",
-                ["data", "samples"])
+    contact_sheet([("data", validation_batch(args.val_size).images, None), ("samples", images, None)],
+                  out / "base_samples.png", scale=1)
     _log(f"base: {step} steps in {history['seconds']} s -> {out}")
     return history
 
@@ -425,7 +422,8 @@ def train_controlnet(args: argparse.Namespace) -> dict:
     history["sudden_convergence_step"] = sudden_convergence_step(history["f1"])
     save()
     if strip:
-        _save_strip(strip, [e["step"] for e in history["f1"]], out / "convergence.png")
+        contact_sheet([(f"step {e['step']}", imgs, None) for imgs, e in zip(strip, history["f1"])],
+                      out / "convergence.png", scale=1)
     _log(f"controlnet: {step} steps in {history['seconds']} s -> {out}; "
          f"sudden convergence at step {history['sudden_convergence_step']}")
     return history
@@ -449,20 +447,6 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=str))
     tmp.replace(path)
-
-
-def _save_strip(strip: list[np.ndarray], steps: list[int], path: Path, labels: list[str] | None = None) -> None:
-    from PIL import Image, ImageDraw
-
-    rows, cols = strip[0].shape[0], len(strip)
-    size = strip[0].shape[1]
-    sheet = Image.new("RGB", (cols * size, rows * size + 14), "white")
-    d = ImageDraw.Draw(sheet)
-    for c, (imgs, s) in enumerate(zip(strip, steps)):
-        d.text((c * size + 3, 1), labels[c] if labels else f"step {s}", fill="black")
-        for r, im in enumerate(imgs):
-            sheet.paste(Image.fromarray(im), (c * size, 14 + r * size))
-    sheet.save(path)
 
 
 def plot_histories(base: dict | None, control: dict | None, path: str | os.PathLike, autoencoder: dict | None = None) -> None:
