@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "demo":
-        from .controlnet_core.demo import main as demo_main
+        from .controlnet_core.tiny.demo import main as demo_main
 
         return demo_main(rest)
     print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from comfyui_controlnet_core.controlnet_core import data, demo, latent, train
+from comfyui_controlnet_core.controlnet_core.tiny import data, demo, latent, train
 from comfyui_controlnet_core.controlnet_core.control import Control, ControlSettings
 
 STEPS, CFG_SCALE = 12, 3.0

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from comfyui_controlnet_core.controlnet_core import data, latent, train
+from comfyui_controlnet_core.controlnet_core.tiny import data, latent, train
 from comfyui_controlnet_core.controlnet_core.host import unet_control
 from comfyui_controlnet_core.controlnet_core.loader import load_controlnet
-from comfyui_controlnet_core.controlnet_core.text import TextEncoder, tokenize
+from comfyui_controlnet_core.controlnet_core.tiny.text import TextEncoder, tokenize
 from comfyui_controlnet_core.controlnet_core.unet import UNet
 
 CFG = dataclasses.replace(

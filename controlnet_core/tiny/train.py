@@ -1,8 +1,8 @@
 """Train the demo models: a tiny base diffusion model, then a Canny ControlNet on top of it.
 
-    python -m comfyui_controlnet_core.controlnet_core.train base       --steps 20000 --batch 128 --out runs/demo
-    python -m comfyui_controlnet_core.controlnet_core.train controlnet --steps 20000 --batch 128 --out runs/demo
-    python -m comfyui_controlnet_core.controlnet_core.train plot --out docs/loss_curve.png runs/demo
+    python -m comfyui_controlnet_core.controlnet_core.tiny.train base       --steps 20000 --batch 128 --out runs/demo
+    python -m comfyui_controlnet_core.controlnet_core.tiny.train controlnet --steps 20000 --batch 128 --out runs/demo
+    python -m comfyui_controlnet_core.controlnet_core.tiny.train plot --out docs/loss_curve.png runs/demo
 
 `autoencoder` trains the tiny image autoencoder (`latent.py`: 128 px RGB <-> 4 x 16 x 16, SD's 8x
 geometry). `base` trains the reference `UNet` (tiny config, `TINY`) and the `TextEncoder` jointly on the
@@ -39,15 +39,15 @@ import torch
 import torch.nn.functional as F
 
 from . import latent
-from .config import SD15, ControlNetConfig
+from ..config import SD15, ControlNetConfig
 from .data import validation_batch
-from .formats.files import read_safetensors, write_safetensors
-from .host import unet_control
-from .model import ControlNet
-from .schedule import DiscreteSchedule
+from ..formats.files import read_safetensors, write_safetensors
+from ..host import unet_control
+from ..model import ControlNet
+from ..schedule import DiscreteSchedule
 from .sheet import contact_sheet
 from .text import CONTEXT_DIM, TextEncoder
-from .unet import UNet
+from ..unet import UNet
 
 # The demo architecture: SD1.5's block structure at toy width, on 4-channel latents (16 x 16 for a
 # 128 px image): widths 64/64/128 at 16/8/4 cells, attention at the two lower levels, 4.9 M
@@ -195,7 +195,7 @@ def controlnet_loss(cn: ControlNet, unet: UNet, context: torch.Tensor, diffusion
 def sample_images(unet: UNet, text: TextEncoder, ae: latent.TinyAutoencoder, prompts: list[str], *, control: Any = None,
                   steps: int = 12, cfg: float = 3.0, seed: int = 0, callback: Any = None) -> np.ndarray:
     """uint8 (B, 128, 128, 3) images for `prompts` with the reference sampler (fixed noise per seed)."""
-    from .sampler import sample
+    from ..sampler import sample
 
     device = next(unet.parameters()).device
     g = torch.Generator().manual_seed(seed)
@@ -210,7 +210,7 @@ def sample_images(unet: UNet, text: TextEncoder, ae: latent.TinyAutoencoder, pro
 def validation_f1(unet: UNet, text: TextEncoder, ae: latent.TinyAutoencoder, cn: ControlNet | None, val, *, steps: int = 12, cfg: float = 3.0,
                   seed: int = 0, strength: float = 1.0) -> tuple[float, np.ndarray]:
     """Mean edge F1 (2 px) of samples for the validation prompts against their hints, and the images."""
-    from .control import Control, ControlSettings
+    from ..control import Control, ControlSettings
     from .data import batch_edge_f1
 
     device = next(unet.parameters()).device
@@ -366,7 +366,7 @@ def train_base(args: argparse.Namespace) -> dict:
 
 
 def train_controlnet(args: argparse.Namespace) -> dict:
-    from .loader import save_controlnet
+    from ..loader import save_controlnet
 
     device, out = _start(args)
     base_dir = Path(args.base) if args.base else out
@@ -517,7 +517,7 @@ def plot_histories(base: dict | None, control: dict | None, path: str | os.PathL
 # CLI
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m comfyui_controlnet_core.controlnet_core.train",
+    p = argparse.ArgumentParser(prog="python -m comfyui_controlnet_core.controlnet_core.tiny.train",
                                 description="Train the tiny demo base model or its Canny ControlNet.")
     p.add_argument("mode", choices=("autoencoder", "base", "controlnet", "plot"))
     p.add_argument("inputs", nargs="*", help="plot: run folders holding history_*.json")

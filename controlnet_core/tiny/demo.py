@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from . import latent
-from .control import Control, ControlSettings, ControlStack
+from ..control import Control, ControlSettings, ControlStack
 from .data import IMAGE_SIZE, batch_edge_f1, builtin_scene, hint_of, prompt_for, BUILTIN_SCENES
-from .loader import load_controlnet
+from ..loader import load_controlnet
 from .sheet import contact_sheet
 from .text import TextEncoder, unknown_words, VOCAB
 from .train import AE_FILE, BASE_FILE, CONTROLNET_FILE, TEXT_FILE, WEIGHTS_DIR, load_unet
@@ -58,7 +58,7 @@ def load_models(weights: str | Path | None = None, device: str | torch.device = 
     if missing:
         raise FileNotFoundError(
             f"demo model files {', '.join(missing)} are missing in {folder}; reinstall the package or train them "
-            "with `python -m comfyui_controlnet_core.controlnet_core.train base|controlnet` (see docs/training.md)"
+            "with `python -m comfyui_controlnet_core.controlnet_core.tiny.train base|controlnet` (see docs/training.md)"
         )
     ae = latent.TinyAutoencoder.load(str(folder / AE_FILE), device)
     unet = load_unet(folder / BASE_FILE, device)
@@ -118,7 +118,7 @@ class Progress:
 def generate(models: DemoModels, prompt: str, *, control: Any = None, seeds: list[int], steps: int,
              cfg: float = DEFAULT_CFG, progress: Progress | None = None) -> np.ndarray:
     """uint8 (len(seeds), 128, 128, 3): one sample per seed (noise from `torch.Generator(seed)`)."""
-    from .sampler import sample
+    from ..sampler import sample
 
     device = next(models.unet.parameters()).device
     noise = torch.cat([

@@ -1,4 +1,4 @@
-"""The shipped demo models (fp16 safetensors), trained by `controlnet_core.train` (docs/training.md):
+"""The shipped demo models (fp16 safetensors), trained by `controlnet_core.tiny.train` (docs/training.md):
 
 * `autoencoder.safetensors`     the tiny image autoencoder (128 px RGB <-> 4 x 16 x 16 latent)
 * `base_unet.safetensors`       the tiny base UNet (LDM key names, config in the metadata)

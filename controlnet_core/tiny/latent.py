@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .formats.files import read_safetensors, write_safetensors
+from ..formats.files import read_safetensors, write_safetensors
 
 FACTOR = 8
 IMAGE_CHANNELS = 3

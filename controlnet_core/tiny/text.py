@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .formats.files import read_safetensors, write_safetensors
+from ..formats.files import read_safetensors, write_safetensors
 
 SHAPE_COLOURS = ("red", "green", "blue", "yellow", "cyan", "magenta", "orange", "purple")
 BACKGROUND_COLOURS = ("black", "white", "gray")

@@ -26,8 +26,8 @@ import cv2
 import numpy as np
 import torch
 
-from ..preprocessors import canny
-from ..preprocessors.image import luma
+from ...preprocessors import canny
+from ...preprocessors.image import luma
 from .text import BACKGROUND_COLOURS, MAX_TOKENS, SHAPE_COLOURS, SHAPES, tokenize
 
 IMAGE_SIZE = 128
