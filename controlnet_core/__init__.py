@@ -1,12 +1,22 @@
-"""Host-independent ControlNet core: model, loaders, runtime. Never imports ComfyUI."""
+"""Host-independent ControlNet core: model, loaders, runtime. Never imports ComfyUI.
+
+The public API, in one place:
+
+    from comfyui_controlnet_core.controlnet_core import (
+        load_controlnet, inspect_controlnet, save_controlnet, Control, ControlSettings, ControlStack,
+    )
+"""
 
 from .config import PRESETS, SD15, SD21, SDXL, ControlNetConfig
+from .control import Control, ControlModel, ControlSettings, ControlStack
 from .errors import ControlNetError, InputError, LoadError, UnsupportedFamilyError
-from .loader import infer_config, load_controlnet, save_controlnet
+from .host import StepRequest
+from .loader import ModelInfo, infer_config, inspect_controlnet, load_controlnet, save_controlnet
 from .model import ControlNet
 
 __all__ = [
     "PRESETS", "SD15", "SD21", "SDXL", "ControlNetConfig",
+    "Control", "ControlModel", "ControlSettings", "ControlStack", "StepRequest",
     "ControlNetError", "InputError", "LoadError", "UnsupportedFamilyError",
-    "ControlNet", "load_controlnet", "save_controlnet", "infer_config",
+    "ControlNet", "ModelInfo", "load_controlnet", "inspect_controlnet", "save_controlnet", "infer_config",
 ]

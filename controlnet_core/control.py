@@ -1,7 +1,12 @@
-"""Controls: a ControlNet + hint images + settings, and stacks of them, speaking `host.py`'s protocol.
+"""Controls: a control model + hint images + settings, and stacks of them, speaking `host.py`'s protocol.
 
-How one control turns the ControlNet's raw outputs `[down_0 .. down_{n-2}, mid]` (n residuals:
-SD1/SD2 13, SDXL 10) into what the UNet adds, in this order:
+A control model is any family that speaks `ControlModel` (below): the classic ControlNet
+(`model.ControlNet`) and the other families, each in its own module. The runtime here knows none of
+them by name: a model returns its unscaled outputs per UNet slot, and this module gates, scales,
+masks and sums them the same way for every family.
+
+How one control turns the model's raw outputs (n of them; a ControlNet's `[down_0 .. down_{n-2},
+mid]`, SD1/SD2 13, SDXL 10) into what the UNet adds, in this order:
 
 1. gate: active only while the step's sigma lies in [sigma(end_percent), sigma(start_percent)],
    both ends inclusive, with `percent_to_sigma` from the host (ComfyUI's `ControlNet.get_control`:
@@ -13,7 +18,9 @@ SD1/SD2 13, SDXL 10) into what the UNet adds, in this order:
 3. global average pooling (optional; shuffle ControlNets): each residual replaced by its mean over
    H, W. ComfyUI pools every row it computes; A1111 and diffusers also force cond-only for shuffle
    models. We keep the two choices separate: pass apply_to="cond-only" to get the peers' behaviour;
-4. scale residual i by `strength * weight_i` (`residual_weights`);
+4. scale output i by `strength * weight_i` (`residual_weights`; outputs counted in the order
+   `input` slot, `output` slot, `middle`, each in encoder order: for a ControlNet the first skip
+   first and the middle last);
 5. mask (optional, regional control): multiply by the mask resized to the residual's h, w — area
    averaging when shrinking (each cell gets the fraction of it inside the region, so a region on
    the block grid stays exactly 0/1), bilinear when enlarging (align_corners=False).
@@ -28,20 +35,19 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .errors import ControlNetError, InputError
 from .hint import INTERPOLATIONS, RESIZE_MODES, check_choice, resize_hint, tile_to_batch, to_bchw
-from .host import COND, PercentToSigma, ResidualDict, StepRequest, unet_control
-from .model import ControlNet
+from .host import COND, SLOTS, HostWeights, Outputs, PercentToSigma, ResidualDict, StepRequest, control_dict
 from .fast.runner import stack_residuals
 
 # lllyasviel/ControlNet gradio apps, guess mode: scales = [strength * 0.825 ** (12 - i) for i in 0..12].
 SOFT_BASE = 0.825
-WEIGHT_MODES = ("uniform", "soft", "diffusers")
+WEIGHT_MODES = ("uniform", "soft", "diffusers", "paper")
 APPLY_TO = ("both", "cond-only")
 MAX_STRENGTH = 10.0
 
@@ -52,7 +58,51 @@ MODES: dict[str, tuple[str, str]] = {
     "prompt is more important": ("soft", "both"),
     "controlnet is more important": ("soft", "cond-only"),
     "guess mode": ("soft", "cond-only"),
+    "cfg resolution weighting (paper)": ("paper", "cond-only"),
 }
+
+
+class ControlModel(Protocol):
+    """What `Control` needs from a model of any family. `model.ControlNet` is the reference
+    implementation; each other family's module implements the same few members.
+
+    family:       what users call it ("ControlNet", "T2I-Adapter", ...), for messages;
+    hint_channels: the channels of the hint image it takes (3: RGB);
+    arch:         the base model it was made for: "sd15" | "sd21" | "sdxl";
+    host_archs:   the base models whose UNet it fits (a ControlNet: its own arch);
+    context_dim, adm_channels: the text width and SDXL `y` width it reads (None: it reads none;
+                  then hosts check `host_archs` instead of the exact widths);
+    host_layout:  the UNet it adds to, as (model_channels, channel_mult, num_res_blocks): controls
+                  of one stack must agree on it;
+    hint_size(h, w):  the pixel size (H, W) a hint is resized to for an h x w latent;
+    embed_hint(hint): the part that does not depend on the step, from a (B, 3, H, W) hint in
+                  [0, 1] (a tensor or a list of tensors whose dim 0 is the hint batch); computed
+                  once per run and size;
+    output_levels():  for each weighted output (in the order of rule 4 above) its resolution level
+                  (0 = the latent's, +1 per 2x down): what the "paper" weights are made of;
+    control_outputs(x, timesteps, context, y, embedding): the unscaled `Outputs` for a batch,
+                  `embedding` already matched to the batch's rows.
+    Optional: `bind_host(host_weights)`, called at `pre_run` by families built from the host UNet's
+    own weights (Control-LoRA); `supports_fast_path` (the CUDA runner handles the plain ControlNet).
+    """
+
+    family: str
+    hint_channels: int
+    arch: str
+    host_archs: tuple[str, ...]
+    context_dim: int | None
+    adm_channels: int | None
+    host_layout: tuple
+    dtype: torch.dtype
+
+    def hint_size(self, h: int, w: int) -> tuple[int, int]: ...
+
+    def embed_hint(self, hint: torch.Tensor) -> Any: ...
+
+    def output_levels(self) -> list[int]: ...
+
+    def control_outputs(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                        y: torch.Tensor | None, embedding: Any) -> Outputs: ...
 
 
 @dataclass(frozen=True)
@@ -61,8 +111,9 @@ class ControlSettings:
 
     strength:       0..10, multiplies every residual;
     start_percent, end_percent: 0..1 of the sampling schedule (in the model's time, as ComfyUI);
-    weights:        per-residual factors: "uniform" (all 1), "soft" (SOFT_BASE ** (n-1-i), see
-                    `residual_weights`), "diffusers" (logspace(-1, 0, n)), or one number per residual;
+    weights:        per-output factors: "uniform" (all 1), "soft" (SOFT_BASE ** (n-1-i), see
+                    `residual_weights`), "diffusers" (logspace(-1, 0, n)), "paper" (2 ** level, the
+                    paper's CFG resolution weighting), or one number per output;
     apply_to:       "both" halves of a CFG batch or "cond-only";
     global_pool:    average each residual over H, W (shuffle ControlNets; see `default_global_pool`);
     resize, interpolation: how the hint is brought to 8x the latent (hint.py); the defaults
@@ -108,7 +159,8 @@ class ControlSettings:
     @classmethod
     def from_mode(cls, mode: str, **overrides: object) -> "ControlSettings":
         """Settings for a named mode ("balanced", "prompt is more important", "ControlNet is more
-        important", "guess mode"; case-insensitive) plus any other field."""
+        important", "guess mode", "CFG resolution weighting (paper)"; case-insensitive) plus any
+        other field."""
         key = mode.strip().lower()
         if key not in MODES:
             raise InputError(f"unknown control mode {mode!r}; choose one of {', '.join(map(repr, MODES))}")
@@ -116,8 +168,10 @@ class ControlSettings:
         return cls(**{"weights": weights, "apply_to": apply_to, **overrides})  # type: ignore[arg-type]
 
 
-def residual_weights(weights: str | Sequence[float], n: int, arch: str = "") -> list[float]:
-    """One factor per residual, i = 0 the first (highest-resolution) skip, i = n-1 the middle.
+def residual_weights(
+    weights: str | Sequence[float], n: int, name: str = "", levels: Sequence[int] | None = None
+) -> list[float]:
+    """One factor per output, i = 0 the first (highest-resolution) skip, i = n-1 the middle.
 
     soft: SOFT_BASE ** (n-1-i). For SD1/SD2 (n = 13) this is lllyasviel's 0.825 ** (12 - i). For
     SDXL (n = 10) peers differ: A1111 takes the first 10 of the 13 SD1 scales (middle 0.825**3), ACN
@@ -125,6 +179,10 @@ def residual_weights(weights: str | Sequence[float], n: int, arch: str = "") -> 
     strength, each shallower residual another x0.825) instead of depending on a list cut for
     another architecture, and it is the same formula for every n.
     diffusers: torch.logspace(-1, 0, n) (0.1 .. 1.0), as diffusers' ControlNetModel in guess mode.
+    paper: 2 ** level_i, the ControlNet paper's "classifier-free guidance resolution weighting"
+    (section 3.4): connection i gets w_i = 64 / h_i, h_i its side at 512 px (64, 32, 16, 8), i.e.
+    1, 2, 4, 8 from the top level down, and the middle block the deepest level's value. `levels`
+    (the model's `output_levels()`) says which level each output is at.
     """
     if weights == "uniform":
         return [1.0] * n
@@ -132,12 +190,16 @@ def residual_weights(weights: str | Sequence[float], n: int, arch: str = "") -> 
         return [SOFT_BASE ** (n - 1 - i) for i in range(n)]
     if weights == "diffusers":
         return torch.logspace(-1, 0, n).tolist()
+    if weights == "paper":
+        if levels is None or len(levels) != n:
+            raise InputError("the paper's resolution weighting needs the resolution level of every output")
+        return [float(2 ** lvl) for lvl in levels]
     values = [float(w) for w in weights]
     if len(values) != n:
-        name = f"this {arch} ControlNet" if arch else "this ControlNet"
+        name = f"this {name}" if name else "this control model"
         raise InputError(
-            f"{len(values)} weights given but {name} has {n} residuals ({n - 1} skips + middle); give one "
-            "weight per residual, the first skip first and the middle last"
+            f"{len(values)} weights given but {name} has {n} outputs (for a ControlNet: {n - 1} skips + "
+            "middle); give one weight per output, the first skip first and the middle last"
         )
     return values
 
@@ -150,14 +212,14 @@ def default_global_pool(name: str) -> bool:
 
 
 class Control:
-    """A loaded ControlNet + its hint images + settings (+ an optional mask and previous control).
+    """A loaded control model + its hint images + settings (+ an optional mask and previous control).
 
     hint: (B, H, W, C) or (B, C, H, W) float in [0, 1], any size; mask: (B or 1, H, W) in [0, 1].
     """
 
     def __init__(
         self,
-        net: ControlNet,
+        net: ControlModel,
         hint: torch.Tensor,
         settings: ControlSettings | None = None,
         *,
@@ -166,9 +228,10 @@ class Control:
     ):
         self.net = net
         self.settings = settings if settings is not None else ControlSettings()
-        self.hint = to_bchw(hint, net.config.hint_channels)
+        self.hint = to_bchw(hint, net.hint_channels)
         self.mask = None if mask is None else _check_mask(mask)
-        self.weights = residual_weights(self.settings.weights, net.config.num_outputs, net.arch)
+        levels = net.output_levels()
+        self.weights = residual_weights(self.settings.weights, len(levels), f"{net.arch} {net.family}", levels)
         self.previous: Control | None = None
         self.sigma_range: tuple[float, float] | None = None  # (sigma_start, sigma_end), set by pre_run
         self._cache: dict[tuple, torch.Tensor] = {}  # hint embeddings and resized masks of this run
@@ -195,16 +258,20 @@ class Control:
             yield c
             c = c.previous
 
-    def pre_run(self, percent_to_sigma: PercentToSigma) -> None:
+    def pre_run(self, percent_to_sigma: PercentToSigma, host_weights: HostWeights | None = None) -> None:
         """Start a sampling run for this control and its chain (see `host.py`)."""
         for c in self.chain():
-            c.start_run(percent_to_sigma)
+            c.start_run(percent_to_sigma, host_weights)
 
-    def start_run(self, percent_to_sigma: PercentToSigma) -> None:
-        """This control alone: fix the active sigma range and drop last run's cached hint embedding."""
+    def start_run(self, percent_to_sigma: PercentToSigma, host_weights: HostWeights | None = None) -> None:
+        """This control alone: fix the active sigma range, drop last run's cached hint embedding, and
+        hand the host's weights to a model built from them (Control-LoRA)."""
         s = self.settings
         self.sigma_range = (float(percent_to_sigma(s.start_percent)), float(percent_to_sigma(s.end_percent)))
         self._cache.clear()
+        bind = getattr(self.net, "bind_host", None)
+        if bind is not None:
+            bind(host_weights)
 
     def residuals(self, request: StepRequest) -> ResidualDict | None:
         """The UNet's control dict for this control and its chain, or None when none is active."""
@@ -219,9 +286,9 @@ class Control:
         sigma_start, sigma_end = self.sigma_range
         return self.settings.strength != 0 and sigma_end <= sigma <= sigma_start
 
-    def own_residuals(self, request: StepRequest) -> list[torch.Tensor] | None:
-        """This control alone (not its chain): `[down_0 .. down_{n-2}, mid]` for the whole batch, or
-        None when it does not act on this call."""
+    def own_residuals(self, request: StepRequest) -> Outputs | None:
+        """This control alone (not its chain): its scaled outputs per UNet slot for the whole
+        batch, or None when it does not act on this call."""
         s = self.settings
         if not self.is_active(float(request.sigma[0])):
             return None
@@ -234,34 +301,46 @@ class Control:
                 return None
             if len(rows) == batch:
                 rows = None
-        emb = tile_to_batch(self.hint_embedding(x.shape[-2], x.shape[-1], x.device), batch, chunks)
+        emb = map_tensors(lambda e: tile_to_batch(e, batch, chunks), self.hint_embedding(x.shape[-2], x.shape[-1], x.device))
         t, context, y = request.timesteps, request.context, request.y
         if rows is not None:
             x, t = x[rows], t[rows]
-            emb, context = _take(emb, rows, batch), _take(context, rows, batch)
+            emb = map_tensors(lambda e: _take(e, rows, batch), emb)
+            context = _take(context, rows, batch)
             y = None if y is None else _take(y, rows, batch)
-        down, mid = self.net(x, None, t, context, y, hint_embedding=emb)
-        out = []
-        for r, w in zip([*down, mid], self.weights):
-            if s.global_pool:
-                r = r.mean(dim=(2, 3), keepdim=True).expand_as(r)
-            r = r * (s.strength * w)
-            if rows is not None:
-                full = r.new_zeros((batch, *r.shape[1:]))
-                full[rows] = r
-                r = full
-            if self.mask is not None:
-                r = r * self._mask_at(r, batch, chunks)
-            out.append(r)
+        raw = self.net.control_outputs(x, t, context, y, emb)
+        scales = iter(self.weights)
+        out: Outputs = {}
+        for slot in SLOTS:
+            out[slot] = [None if r is None else self._finish(r, next(scales), rows, batch, chunks)
+                         for r in raw.get(slot, [])]
         return out
 
-    def hint_embedding(self, h: int, w: int, device: torch.device | str) -> torch.Tensor:
-        """The hint encoder's output for a latent of h x w, computed once per run (it does not depend
-        on the timestep) and kept per size/device/dtype until the next `pre_run`."""
+    def _finish(self, r: torch.Tensor, weight: float, rows: torch.Tensor | None, batch: int, chunks: int) -> torch.Tensor:
+        s = self.settings
+        if s.global_pool:
+            r = r.mean(dim=(2, 3), keepdim=True).expand_as(r)
+        if r.shape[0] not in (1, batch if rows is None else len(rows)):
+            raise InputError(f"a {self.net.family} output has batch {r.shape[0]}, not {batch}")
+        r = r * (s.strength * weight)
+        if r.shape[0] == 1 and (batch > 1 or rows is not None):  # step-independent outputs of one hint
+            r = r.expand(batch if rows is None else len(rows), *r.shape[1:])
+        if rows is not None:
+            full = r.new_zeros((batch, *r.shape[1:]))
+            full[rows] = r
+            r = full
+        if self.mask is not None:
+            r = r * self._mask_at(r, batch, chunks)
+        return r
+
+    def hint_embedding(self, h: int, w: int, device: torch.device | str) -> Any:
+        """The model's step-independent part (a ControlNet's hint encoder output) for a latent of
+        h x w, computed once per run and kept per size/device/dtype until the next `pre_run`."""
         key = ("hint", h, w, str(device), self.net.dtype)
         if key not in self._cache:
             s = self.settings
-            hint = resize_hint(self.hint, 8 * h, 8 * w, s.resize, s.interpolation)
+            height, width = self.net.hint_size(h, w)
+            hint = resize_hint(self.hint, height, width, s.resize, s.interpolation)
             self._cache[key] = self.net.embed_hint(hint.to(device))
         return self._cache[key]
 
@@ -290,34 +369,58 @@ class ControlStack:
                 if not any(c is f for f in flat):
                     flat.append(c)
         self.controls = flat
-        if len({_layout(c) for c in flat}) > 1:
+        common = set.intersection(*(set(c.net.host_archs) for c in flat)) if flat else set()
+        if len({_layout(c) for c in flat}) > 1 or (flat and not common):
             names = ", ".join(f"control {i + 1} is {_describe(c)}" for i, c in enumerate(flat))
             raise InputError(
-                f"controls of different architectures cannot be combined ({names}); use ControlNets made "
-                "for the same base model"
+                f"controls of different architectures cannot be combined ({names}); use control models "
+                "made for the same base model"
             )
 
     @property
     def arch(self) -> str | None:
         return self.controls[0].arch if self.controls else None
 
-    def pre_run(self, percent_to_sigma: PercentToSigma) -> None:
+    def pre_run(self, percent_to_sigma: PercentToSigma, host_weights: HostWeights | None = None) -> None:
         for c in self.controls:
-            c.start_run(percent_to_sigma)
+            c.start_run(percent_to_sigma, host_weights)
 
     def residuals(self, request: StepRequest) -> ResidualDict | None:
         fast = stack_residuals(self, request)  # CUDA fast path (fast/); NotImplemented: plain path
         if fast is not NotImplemented:
             return fast
-        total: list[torch.Tensor] | None = None
+        total: Outputs | None = None
         for c in self.controls:
             out = c.own_residuals(request)
             if out is None:
                 continue
-            total = out if total is None else [a + b for a, b in zip(total, out)]
+            total = out if total is None else add_outputs(total, out)
         if total is None:
             return None
-        return unet_control(total[:-1], total[-1])
+        return control_dict(total)
+
+
+def add_outputs(a: Outputs, b: Outputs) -> Outputs:
+    """Slot-wise, index-wise sum of two controls' outputs; None is a hole, a shorter list is padded."""
+    out: Outputs = {}
+    for slot in SLOTS:
+        x, y = list(a.get(slot, [])), list(b.get(slot, []))
+        n = max(len(x), len(y))
+        x += [None] * (n - len(x))
+        y += [None] * (n - len(y))
+        out[slot] = [q if p is None else p if q is None else p + q for p, q in zip(x, y)]
+    return out
+
+
+def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], tree: Any) -> Any:
+    """`fn` applied to every tensor of a tensor or a (nested) list/tuple/dict of them."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(map_tensors(fn, t) for t in tree)
+    if isinstance(tree, Mapping):
+        return {k: map_tensors(fn, v) for k, v in tree.items()}
+    return tree
 
 
 def _take(t: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
@@ -326,13 +429,12 @@ def _take(t: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _layout(c: Control) -> tuple:
-    cfg = c.net.config
-    return (cfg.arch, cfg.model_channels, cfg.channel_mult, cfg.num_res_blocks)
+    return tuple(c.net.host_layout)
 
 
 def _describe(c: Control) -> str:
-    cfg = c.net.config
-    return f"{cfg.arch} (width {cfg.model_channels}, {cfg.num_outputs} residuals)"
+    mc, mult, _ = c.net.host_layout
+    return f"{c.net.arch} ({c.net.family} for a UNet of width {mc} x {list(mult)})"
 
 
 def _check_number(name: str, value: object, lo: float, hi: float) -> None:

@@ -7,11 +7,20 @@ A host (ComfyUI through `nodes/adapter.py`, or our reference sampler) does two t
    (ComfyUI: `model.model_sampling.percent_to_sigma`, p <= 0 -> a huge sigma, p >= 1 -> 0). This
    fixes each control's active sigma range and drops per-run caches (the hint embedding);
 2. on every model call: `source.residuals(StepRequest(...))`, which returns
-   `{"input": [], "middle": [mid], "output": down}` or None when no control is active.
+   `{"input": [...], "middle": [mid], "output": down}` or None when no control is active.
 
-The dict is in the order ComfyUI's UNet consumes it: `middle` is popped and added after the middle
-block; each decoder block pops `output` from the END, so `down[-1]` (deepest skip) is used first.
-The lists are consumed, so every call returns fresh lists.
+The dict is in the order ComfyUI's UNet consumes it: each encoder block pops `input` from the END
+and adds it to its output (which is also the skip it keeps: T2I-Adapter features go here, None for
+blocks that get nothing); `middle` is popped and added after the middle block; each decoder block
+pops `output` from the END, so `down[-1]` (deepest skip) is used first. The lists are consumed, so
+every call returns fresh lists.
+
+Families build their answer as `Outputs`: the same three slots with every list in *encoder* order
+(input block 0 first, the first skip first); `control_dict` turns that into the consumable dict.
+
+`pre_run` may also get `host_weights`, a callable returning the host UNet's state dict with LDM
+key names (`input_blocks.*`, ...) as it is now, LoRAs applied: families made of the host's own
+weights (Control-LoRA) are built from it at the start of every run.
 
 `source` is a `control.Control` or `control.ControlStack` (anything with `pre_run` and `residuals`).
 """
@@ -19,7 +28,7 @@ The lists are consumed, so every call returns fresh lists.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
@@ -27,6 +36,10 @@ from .errors import InputError
 
 PercentToSigma = Callable[[float], float]
 ResidualDict = dict[str, list[torch.Tensor]]
+Outputs = dict[str, list]  # slot -> tensors (or None holes) in encoder order; see the module docstring
+HostWeights = Callable[[], Mapping[str, torch.Tensor]]
+
+SLOTS = ("input", "output", "middle")  # also the order in which outputs are counted for weights
 
 COND, UNCOND = 0, 1  # ComfyUI's cond_or_uncond markers
 
@@ -85,23 +98,36 @@ class StepRequest:
 
 
 class ControlSource(Protocol):
-    def pre_run(self, percent_to_sigma: PercentToSigma) -> None: ...
+    def pre_run(self, percent_to_sigma: PercentToSigma, host_weights: HostWeights | None = None) -> None: ...
 
     def residuals(self, request: StepRequest) -> ResidualDict | None: ...
 
 
+def control_dict(outputs: Outputs) -> ResidualDict:
+    """The dict ComfyUI's UNet consumes, with fresh lists (the UNet pops them empty): `input` is
+    reversed (popped from the end, block 0 first); `output` stays in encoder order (popped from the
+    end by the decoder, deepest first)."""
+    return {
+        "input": list(reversed(outputs.get("input", []))),
+        "middle": list(outputs.get("middle", [])),
+        "output": list(outputs.get("output", [])),
+    }
+
+
 def unet_control(down: list[torch.Tensor], mid: torch.Tensor) -> ResidualDict:
-    """The dict ComfyUI's UNet consumes, with fresh lists (the UNet pops them empty)."""
-    return {"input": [], "middle": [mid], "output": list(down)}
+    """`control_dict` of a ControlNet's residuals."""
+    return control_dict({"output": down, "middle": [mid]})
 
 
-def as_sampler_hook(source: ControlSource, percent_to_sigma: PercentToSigma) -> Callable[..., ResidualDict | None]:
+def as_sampler_hook(
+    source: ControlSource, percent_to_sigma: PercentToSigma, host_weights: HostWeights | None = None
+) -> Callable[..., ResidualDict | None]:
     """Start a sampling run on `source` and return the `control_fn` the reference sampler calls:
     `control_fn(x_in, sigma, timesteps, context, y, cond_or_uncond) -> dict | None`.
 
     Call once per run: it runs `pre_run`, which resets the run's caches.
     """
-    source.pre_run(percent_to_sigma)
+    source.pre_run(percent_to_sigma, host_weights)
 
     def control_fn(
         x_in: torch.Tensor, sigma: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,

@@ -1,13 +1,17 @@
-"""Load and save ControlNets: detect the layout, rename keys, infer the config, build the model.
+"""Load and save control models: detect the family and layout, rename keys, infer the config, build.
 
     cn = load_controlnet("control_v11p_sd15_canny.safetensors")
-    cn.arch                          # "sd15" | "sd21" | "sdxl"
+    cn.family, cn.arch               # "ControlNet", "sd15" | "sd21" | "sdxl"
     down, mid = cn(x, hint, timesteps, context, y=None)
 
-Supported: the original lllyasviel layout (`control_model.` prefix, `.pth`/`.safetensors`), the v1.1
-layout (same names, no prefix), and the diffusers `ControlNetModel` layout (a single
-`diffusion_pytorch_model.safetensors` or a folder with `config.json`), for SD1.x, SD2.x and SDXL.
-Other control families are recognised and named in the error (see `formats/detect.py`).
+One loader for every family: the family is told from the key names in the file's header, before
+any tensor is read (`formats/detect.py`), and the file goes to that family's loader
+(`FAMILY_LOADERS`); families we recognise but do not run are named in an `UnsupportedFamilyError`.
+
+The classic ControlNet family lives here: the original lllyasviel layout (`control_model.` prefix,
+`.pth`/`.safetensors`), the v1.1 layout (same names, no prefix), and the diffusers
+`ControlNetModel` layout (a single `diffusion_pytorch_model.safetensors` or a folder with
+`config.json`), for SD1.x, SD2.x and SDXL.
 
 How the config is found. Everything but three fields is read from tensor shapes. The three that
 shapes cannot show:
@@ -31,16 +35,17 @@ import json
 import os
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .config import ControlNetConfig
-from .errors import LoadError
+from .errors import LoadError, UnsupportedFamilyError
 from .formats import detect
 from .formats.diffusers import diffusers_to_native, from_diffusers_config, native_to_diffusers, to_diffusers_config
-from .formats.files import read_json, read_state_dict, write_pickle, write_safetensors
+from .formats.files import Header, read_header, read_json, read_state_dict, write_pickle, write_safetensors
 from .formats.original import add_prefix, strip_prefix
 from .model import ControlNet
 
@@ -233,30 +238,76 @@ def _diffusers_folder(folder: Path, dtype: torch.dtype | None) -> tuple[list[Pat
     return [present[0]], config if config.exists() else None
 
 
-def _read_source(src: Any, reader: _Reader, name: str | None) -> tuple[StateDict, dict[str, str], dict | None, str]:
-    """(tensors, safetensors metadata, diffusers config.json or None, display name)."""
+@dataclass
+class Source:
+    """A file's tensors (already cast), its metadata and what detection found: a family loader's input."""
+
+    sd: StateDict
+    meta: dict[str, str]
+    config_json: dict | None  # a diffusers folder's config.json
+    name: str                 # for messages
+    detected: detect.Detected
+    checkpoint_dtype: torch.dtype | None
+
+
+@dataclass(frozen=True)
+class FamilyLoader:
+    """How one family is built from a `Source`, and how its base-model family is read from shapes.
+
+    load(source, device, dtype, ops, config) -> the model (dtype already resolved: never None);
+    arch(header) -> "sd15" | "sd21" | "sdxl" from the header's shapes alone (for `inspect`), where
+    `header` maps names to meta tensors of the right shapes.
+    """
+
+    load: Callable[..., Any]
+    arch: Callable[[StateDict, detect.Detected], str]
+
+
+def _detect_or_refuse(keys: Any, name: str) -> detect.Detected:
+    """Detection plus the question whether we run that family: asked before tensors are read."""
+    found = detect.detect(keys, name)
+    if found.family not in FAMILY_LOADERS:
+        raise UnsupportedFamilyError(
+            f"{name}: this is {found.display}; that family is recognised but not yet supported by "
+            "ControlNet Core. Load it with ComfyUI's own ControlNet loader instead"
+        )
+    return found
+
+
+def _read_source(src: Any, reader: _Reader, name: str | None) -> Source:
     if isinstance(src, dict):
+        name = name or "state dict"
+        found = _detect_or_refuse(src.keys(), name)
         sd = {}
         for k, v in src.items():
             if not isinstance(v, torch.Tensor):
-                raise LoadError(f"{name or 'state dict'}: value of {k!r} is a {type(v).__name__}, not a tensor")
+                raise LoadError(f"{name}: value of {k!r} is a {type(v).__name__}, not a tensor")
             sd[k] = reader.cast(v)
-        return sd, {}, None, name or "state dict"
+        return Source(sd, {}, None, name, found, reader.checkpoint_dtype)
     path = Path(os.fspath(src))
+    name = name or path.name
+    seen: list[detect.Detected] = []
+
+    def check(header: Header) -> None:
+        if not seen:  # a sharded folder: the first shard tells the family
+            seen.append(_detect_or_refuse(header.keys(), name))
+
     if path.is_dir():
         files, config_path = _diffusers_folder(path, reader.dtype)
         sd, meta = {}, {}
         for f in files:
-            part, part_meta = read_state_dict(f, reader.cast)
+            part, part_meta = read_state_dict(f, reader.cast, check)
             sd.update(part)
             meta.update(part_meta)
         config = read_json(config_path) if config_path is not None else None
-        return sd, meta, config, name or path.name
-    sd, meta = read_state_dict(path, reader.cast)
-    return sd, meta, None, name or path.name
+        found = _detect_or_refuse(sd.keys(), name)  # all shards together
+        return Source(sd, meta, config, name, found, reader.checkpoint_dtype)
+    sd, meta = read_state_dict(path, reader.cast, check)
+    return Source(sd, meta, None, name, _detect_or_refuse(sd.keys(), name), reader.checkpoint_dtype)
 
 
-def _check_keys(model: ControlNet, sd: StateDict, name: str, cfg: ControlNetConfig) -> None:
+def _check_keys(model: Any, sd: StateDict, name: str, what: str) -> None:
+    """The file's keys and shapes against the model built for it, in a sentence."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     extra = sorted(set(sd) - set(expected))
@@ -265,14 +316,55 @@ def _check_keys(model: ControlNet, sd: StateDict, name: str, cfg: ControlNetConf
         if missing:
             parts.append(f"{len(missing)} weights are missing (e.g. {', '.join(missing[:4])})")
         if extra:
-            parts.append(f"{len(extra)} weights are not part of a {cfg.arch} ControlNet (e.g. {', '.join(extra[:4])})")
+            parts.append(f"{len(extra)} weights are not part of {what} (e.g. {', '.join(extra[:4])})")
         raise LoadError(f"{name}: {'; '.join(parts)}; the file is incomplete or a variant we do not support")
     for k, t in expected.items():
         if sd[k].shape != t.shape:
             raise LoadError(
-                f"{name}: {k} has shape {tuple(sd[k].shape)} but the inferred {cfg.arch} config needs "
+                f"{name}: {k} has shape {tuple(sd[k].shape)} but the inferred {what} needs "
                 f"{tuple(t.shape)}; the shapes fit no config we can build"
             )
+
+
+def assign_weights(model: Any, sd: StateDict, name: str, what: str) -> Any:
+    """Check `sd` against `model` (built on the meta device) and move the tensors in without a copy."""
+    _check_keys(model, sd, name, what)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval()
+
+
+def _native_controlnet_sd(source: Source) -> StateDict:
+    layout = source.detected.layout
+    if layout == detect.ORIGINAL_PREFIXED:
+        return strip_prefix(source.sd)
+    if layout == detect.DIFFUSERS:
+        return diffusers_to_native(source.sd, source.name)
+    return source.sd
+
+
+def _load_classic(source: Source, device: Any, dtype: torch.dtype, ops: Any, config: ControlNetConfig | None) -> ControlNet:
+    name, sd = source.name, _native_controlnet_sd(source)
+    if config is not None:
+        cfg = config
+    else:
+        cfg = infer_config(sd, name=name)
+        if source.config_json is not None:
+            cfg = _take_unseen(cfg, from_diffusers_config(source.config_json, name), "config.json", name)
+        meta_cfg = _config_from_metadata(source.meta, name)
+        if meta_cfg is not None:  # our own files: exact, so it goes last
+            cfg = _take_unseen(cfg, meta_cfg, "its saved config", name)
+    model = ControlNet(cfg, ops=ops, device="meta", dtype=dtype)
+    return assign_weights(model, sd, name, f"a {cfg.arch} ControlNet")
+
+
+def _arch_classic(sd: StateDict, found: detect.Detected) -> str:
+    source = Source(sd, {}, None, "header", found, None)
+    return infer_config(_native_controlnet_sd(source), name="header").arch
+
+
+FAMILY_LOADERS: dict[str, FamilyLoader] = {
+    detect.CONTROLNET: FamilyLoader(_load_classic, _arch_classic),
+}
 
 
 def load_controlnet(
@@ -282,40 +374,57 @@ def load_controlnet(
     ops: Any = None,
     name: str | None = None,
     *,
-    config: ControlNetConfig | None = None,
-) -> ControlNet:
-    """Load a ControlNet from a file, a diffusers folder or a state dict.
+    config: Any = None,
+) -> Any:
+    """Load a control model of any supported family from a file, a diffusers folder or a state dict.
 
     `dtype=None` keeps the checkpoint's own dtype. `ops` is a host layer namespace (ComfyUI's
     `comfy.ops.*`). `config` overrides the inferred architecture (checked against the shapes).
-    The returned model carries `source_name`, `source_format` and `checkpoint_dtype`.
+    The returned model carries `source_name`, `source_format` (the layout) and `checkpoint_dtype`.
     """
     reader = _Reader(device, dtype)
-    sd, meta, diffusers_config, name = _read_source(src, reader, name)
-    fmt = detect.detect_format(sd.keys(), name)
-    if fmt == detect.ORIGINAL_PREFIXED:
-        sd = strip_prefix(sd)
-    elif fmt == detect.DIFFUSERS:
-        sd = diffusers_to_native(sd, name)
-
-    if config is not None:
-        cfg = config
-    else:
-        cfg = infer_config(sd, name=name)
-        if diffusers_config is not None:
-            cfg = _take_unseen(cfg, from_diffusers_config(diffusers_config, name), "config.json", name)
-        meta_cfg = _config_from_metadata(meta, name)
-        if meta_cfg is not None:  # our own files: exact, so it goes last
-            cfg = _take_unseen(cfg, meta_cfg, "its saved config", name)
-
-    model = ControlNet(cfg, ops=ops, device="meta", dtype=dtype if dtype is not None else reader.checkpoint_dtype)
-    _check_keys(model, sd, name, cfg)
-    model.load_state_dict(sd, strict=True, assign=True)
-    model.eval()
-    model.source_name = name
-    model.source_format = fmt
+    source = _read_source(src, reader, name)
+    family = FAMILY_LOADERS[source.detected.family]
+    model = family.load(source, device, dtype if dtype is not None else reader.checkpoint_dtype, ops, config)
+    model.source_name = source.name
+    model.source_format = source.detected.layout
     model.checkpoint_dtype = reader.checkpoint_dtype
     return model
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a file is, read from its header alone (no tensor data): for the loader node's label."""
+
+    family: str        # "ControlNet", "T2I-Adapter", ... (`display` without the article)
+    arch: str | None   # "sd15" | "sd21" | "sdxl"; None when the family is not run by us
+    layout: str
+    supported: bool
+    size_bytes: int
+
+
+def inspect_controlnet(path: str | os.PathLike) -> ModelInfo:
+    """Family, base model and layout of a file or diffusers folder without reading its weights.
+
+    Raises the loader's own `LoadError` sentences for files that are no control model at all.
+    """
+    path = Path(os.fspath(path))
+    if path.is_dir():
+        files, _ = _diffusers_folder(path, None)
+        header: Header = {}
+        for f in files:
+            header.update(read_header(f)[0])
+        size = sum(f.stat().st_size for f in files)
+    else:
+        header = read_header(path)[0]
+        size = path.stat().st_size
+    found = detect.detect(header.keys(), path.name)
+    family = found.display.split(" ", 1)[1] if found.display.startswith(("a ", "an ")) else found.display
+    loader = FAMILY_LOADERS.get(found.family)
+    if loader is None:
+        return ModelInfo(family, None, found.layout, False, size)
+    meta_sd = {k: torch.empty(v.shape, device="meta") for k, v in header.items()}
+    return ModelInfo(family, loader.arch(meta_sd, found), found.layout, True, size)
 
 
 # --------------------------------------------------------------------------------------------

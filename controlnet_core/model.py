@@ -28,6 +28,11 @@ Residuals = tuple[list[torch.Tensor], torch.Tensor]
 
 
 class ControlNet(nn.Module):
+    """The classic ControlNet; also the reference implementation of `control.ControlModel`."""
+
+    family = "ControlNet"
+    supports_fast_path = True  # the CUDA runner (fast/) is written for exactly this forward
+
     def __init__(self, config: ControlNetConfig, ops: Any = None, device: Any = None, dtype: torch.dtype | None = None):
         super().__init__()
         ops = DEFAULT_OPS if ops is None else ops
@@ -69,6 +74,46 @@ class ControlNet(nn.Module):
     @property
     def arch(self) -> str:
         return self.config.arch
+
+    @property
+    def hint_channels(self) -> int:
+        return self.config.hint_channels
+
+    @property
+    def context_dim(self) -> int:
+        return self.config.context_dim
+
+    @property
+    def adm_channels(self) -> int | None:
+        return self.config.adm_in_channels
+
+    @property
+    def host_archs(self) -> tuple[str, ...]:
+        return (self.config.arch,)
+
+    @property
+    def host_layout(self) -> tuple:
+        cfg = self.config
+        return (cfg.model_channels, cfg.channel_mult, cfg.num_res_blocks)
+
+    def hint_size(self, h: int, w: int) -> tuple[int, int]:
+        return 8 * h, 8 * w
+
+    def output_levels(self) -> list[int]:
+        """The resolution level of each residual: the stem and the ResBlocks of level l at l, each
+        downsample at the level it leads to; the middle at the deepest."""
+        cfg = self.config
+        levels = [0]
+        for lvl in range(len(cfg.channel_mult)):
+            levels += [lvl] * cfg.num_res_blocks
+            if lvl < len(cfg.channel_mult) - 1:
+                levels.append(lvl + 1)
+        return levels + [len(cfg.channel_mult) - 1]
+
+    def control_outputs(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                        y: torch.Tensor | None, embedding: torch.Tensor) -> dict[str, list]:
+        down, mid = self(x, None, timesteps, context, y, hint_embedding=embedding)
+        return {"output": down, "middle": [mid]}
 
     @property
     def dtype(self) -> torch.dtype:

@@ -57,7 +57,7 @@ def sample(
             yy = torch.cat([yy, _rows(uncond_y if uncond_y is not None else y, batch)])
         cond_or_uncond = (COND, UNCOND)
     if control is not None:
-        control.pre_run(schedule.percent_to_sigma)
+        control.pre_run(schedule.percent_to_sigma, unet.state_dict)
 
     x = noise.float() * (1.0 + sigmas[0] ** 2).sqrt()  # ComfyUI's full-denoise noise scaling
     n = len(sigmas) - 1

@@ -212,13 +212,13 @@ def check_conditioning(handles: list[NetHandle], positive: Any, negative: Any) -
     """An SDXL ControlNet on SD1.5 text conditioning (and the like) is refused at apply time."""
     widths = set(_conditioning_width(positive)) | set(_conditioning_width(negative))
     for h in handles:
-        want = h.net.config.context_dim
         for wdt in sorted(widths):
-            if wdt != want:
+            if not h.fits(wdt, None, check_adm=False):
+                want = getattr(h.net, "context_dim", None)
+                made_for = f"{h.family} models" + (f" (text width {want})" if want is not None else "")
                 raise InputError(
-                    f"the ControlNet {h.name!r} is made for {h.family} models (text width {want}), but the "
-                    f"conditioning comes from {family_of_width(wdt)} (text width {wdt}); use a ControlNet made for "
-                    "your checkpoint"
+                    f"the {h.kind} {h.name!r} is made for {made_for}, but the conditioning comes from "
+                    f"{family_of_width(wdt)} (text width {wdt}); use a {h.kind} made for your checkpoint"
                 )
 
 
@@ -226,7 +226,7 @@ def _bind(entry: StackEntry) -> BoundEntry:
     if not isinstance(entry, StackEntry):
         raise InputError("control_stack must come from a Combine ControlNets (CNCore) node")
     handle = _handle_for(entry.control_net)
-    return BoundEntry(handle, to_bchw(entry.image, handle.net.config.hint_channels),
+    return BoundEntry(handle, to_bchw(entry.image, handle.net.hint_channels),
                       float(entry.strength), float(entry.start_percent), float(entry.end_percent),
                       normalize_mask(entry.mask))
 
@@ -298,7 +298,7 @@ def stack_entry(control_net: Any, image: Any, strength: float, start_percent: fl
     """A validated CONTROL_STACK entry (the checks that need no ComfyUI run here, the rest at apply)."""
     if control_net is None:
         raise InputError("connect a ControlNet (from a Load ControlNet node) to control_net")
-    channels = control_net.handle.net.config.hint_channels if is_core_control(control_net) else 3
+    channels = control_net.handle.net.hint_channels if is_core_control(control_net) else 3
     to_bchw(image, channels)
     mask = normalize_mask(mask)
     ControlSettings(strength=strength, start_percent=start_percent, end_percent=end_percent)

@@ -38,6 +38,7 @@ DEFAULT_RESIZE = "crop"
 DEFAULT_INTERPOLATION = "nearest-exact"
 
 FAMILY = {"sd15": "SD1.x", "sd21": "SD2.x", "sdxl": "SDXL"}
+ARCH_OF_WIDTH = {768: "sd15", 1024: "sd21", 2048: "sdxl"}  # text-conditioning width -> base model
 
 
 def family_of_width(width: int) -> str:
@@ -45,6 +46,19 @@ def family_of_width(width: int) -> str:
     return {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL", 1280: "SDXL refiner", 4096: "a T5-based model"}.get(
         int(width), f"an unknown model (text width {int(width)})"
     )
+
+
+def needs_y(net: Any) -> bool:
+    """Whether a control model takes SDXL's `y` vector (pooled text + sizes)."""
+    return getattr(net, "adm_channels", None) is not None
+
+
+def arch_of(context_dim: int | None, adm: int | None) -> str | None:
+    """"sd15", "sd21", "sdxl" for the public base models' widths; None for anything else."""
+    arch = ARCH_OF_WIDTH.get(int(context_dim)) if context_dim is not None else None
+    if arch is not None and (arch == "sdxl") != (adm == 2816):
+        return None
+    return arch
 
 
 class NetHandle:
@@ -58,7 +72,25 @@ class NetHandle:
 
     @property
     def family(self) -> str:
+        """The base model family it is made for ("SD1.x", "SD2.x", "SDXL")."""
         return FAMILY.get(self.net.arch, self.net.arch)
+
+    @property
+    def kind(self) -> str:
+        """What it is, for messages: "ControlNet", "T2I-Adapter", ..."""
+        return getattr(self.net, "family", "ControlNet")
+
+    def fits(self, context_dim: int | None, adm: int | None, check_adm: bool = True) -> bool:
+        """Whether it runs on a base model of this text width (and `y` width). A model that knows
+        its base model's text width (a ControlNet: `context_dim`) must match it exactly; other
+        families (adapters) name the base models they fit (`host_archs`)."""
+        net = self.net
+        want = getattr(net, "context_dim", None)
+        if want is not None:
+            return context_dim == want and (not check_adm or (adm is None) == (getattr(net, "adm_channels", None) is None))
+        if not check_adm:
+            adm = 2816 if context_dim == 2048 else None
+        return arch_of(context_dim, adm) in tuple(net.host_archs)
 
 
 @dataclass(frozen=True)
@@ -135,8 +167,7 @@ def model_family(model: Any) -> tuple[int | None, int | None, str]:
     adm = cfg.get("adm_in_channels")
     if ctx is None:
         return None, None, f"a {type(model).__name__} model (not a Stable Diffusion UNet)"
-    name = family_of_width(ctx)
-    return int(ctx), (None if adm is None else int(adm)), name
+    return int(ctx), (None if adm is None else int(adm)), family_of_width(ctx)
 
 
 class CoreControlMixin:
@@ -199,14 +230,13 @@ class CoreControlMixin:
         return out
 
     def cncore_check_model(self, model: Any) -> None:
-        """Refuse a ControlNet of another family than the model, before the first step."""
+        """Refuse a control model of another family than the model, before the first step."""
         ctx, adm, model_name = model_family(model)
         for h in self.cncore_handles():
-            cfg = h.net.config
-            if ctx != cfg.context_dim or (adm is None) != (cfg.adm_in_channels is None):
+            if not h.fits(ctx, adm):
                 raise InputError(
-                    f"the ControlNet {h.name!r} is made for {h.family} models, but the checkpoint being sampled "
-                    f"is {model_name}; load a ControlNet made for that checkpoint"
+                    f"the {h.kind} {h.name!r} is made for {h.family} models, but the checkpoint being sampled "
+                    f"is {model_name}; load a {h.kind} made for that checkpoint"
                 )
 
     # ---- the host protocol ------------------------------------------------------------------
@@ -217,7 +247,9 @@ class CoreControlMixin:
         self._cncore_checked = set()
         self.cncore_check_model(model)
         stack = self.cncore_stack()
-        stack.pre_run(percent_to_timestep_function)
+        # Families built from the host's own weights (Control-LoRA) read them now, LoRAs applied.
+        unet = getattr(model, "diffusion_model", None)
+        stack.pre_run(percent_to_timestep_function, None if unet is None else unet.state_dict)
         self._cncore_stack = stack
         self._cncore_sampling = model.model_sampling
 
@@ -250,7 +282,7 @@ class CoreControlMixin:
         timesteps = ms.timestep(t).float()
         context = cond.get("crossattn_controlnet", cond["c_crossattn"]).to(device=device, dtype=dtype)
         y = None
-        if net.config.adm_in_channels is not None:
+        if needs_y(net):
             y = cond.get("y")
             if y is None:
                 raise InputError(

@@ -118,8 +118,8 @@ def test_weight_rules_against_their_sources():
     # diffusers' guess mode: torch.logspace(-1, 0, n) = 10 ** (-1 + i / (n - 1)).
     assert residual_weights("diffusers", 13) == pytest.approx([10 ** (-1 + i / 12) for i in range(13)], rel=1e-6)
     assert residual_weights("uniform", 10) == [1.0] * 10
-    with pytest.raises(InputError, match="12 weights given but this sd15 ControlNet has 13 residuals"):
-        residual_weights([1.0] * 12, 13, "sd15")
+    with pytest.raises(InputError, match="12 weights given but this sd15 ControlNet has 13 outputs"):
+        residual_weights([1.0] * 12, 13, "sd15 ControlNet")
 
 
 def test_default_global_pool_by_file_name():

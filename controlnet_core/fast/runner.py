@@ -85,7 +85,7 @@ def stack_residuals(stack: Any, request: StepRequest) -> Any:
         return NotImplemented
     if torch.is_grad_enabled():
         return NotImplemented
-    if any(c.mask is not None for c in controls):
+    if any(c.mask is not None or not getattr(c.net, "supports_fast_path", False) for c in controls):
         return NotImplemented
     key = tuple(id(c) for c in controls)
     runner = _RUNNERS.get(key)

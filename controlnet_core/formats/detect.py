@@ -1,69 +1,92 @@
-"""Which kind of file a key set is: the supported ControlNet layouts, and every other family named.
+"""Which kind of file a key set is: the ControlNet layouts, the other control families, and the
+well-known files that are not controls at all (named, so the user hears what they gave us).
 
-A file of another family must fail with its name ("this is a T2I-Adapter"), never be half-read
-as a ControlNet. The tell-tale keys follow what the hosts use to tell families apart (ComfyUI's
-`load_controlnet_state_dict`, ComfyUI-Advanced-ControlNet), checked most specific first.
+A file of one family must never be half-read as another. The tell-tale keys follow what the hosts
+use to tell families apart (ComfyUI's `load_controlnet_state_dict`, ComfyUI-Advanced-ControlNet),
+checked most specific first. Detection needs only the key names, so the loader runs it on the
+file's header before any tensor is read (a 2 GB checkpoint in the wrong folder costs nothing).
+
+`detect(keys)` returns a `Detected(family, layout, display)`; whether a family can be *run* is the
+loader's business (`loader.FAMILY_LOADERS`), not detection's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from ..errors import LoadError, UnsupportedFamilyError
+from ..errors import LoadError
 
 ORIGINAL_PREFIX = "control_model."
 
-# Supported layouts returned by `detect_format`.
+# Families (`Detected.family`).
+CONTROLNET = "controlnet"
+T2I_ADAPTER = "t2i-adapter"
+CONTROL_LORA = "control-lora"
+UNION = "controlnet-union"
+LLLITE = "controlnet-lllite"
+OTHER = "other"  # recognised, named, not run by this pack (Flux, SD3, style adapters, ...)
+
+# ControlNet layouts (`Detected.layout` of the controlnet family).
 ORIGINAL = "original"                     # lllyasviel v1.1 / unprefixed LDM names (our native names)
 ORIGINAL_PREFIXED = "original-prefixed"   # lllyasviel v1.0 `control_model.` prefix
 DIFFUSERS = "diffusers"
+
+
+@dataclass(frozen=True)
+class Detected:
+    family: str    # one of the family constants above
+    layout: str    # key layout within the family ("original", "diffusers", ...; "" if it has one)
+    display: str   # what users call it, for messages: "a T2I-Adapter (light)"
 
 
 def _any(keys: Iterable[str], pred) -> bool:
     return any(pred(k) for k in keys)
 
 
-def _unsupported_family(keys: set[str]) -> str | None:
-    """Name of a recognised control-model family that we do not run, else None."""
+def _other_family(keys: set[str]) -> Detected | None:
+    """A recognised control family other than the classic ControlNet, else None."""
     has = keys.__contains__
     if has("style_embedding"):  # before Union: the style adapter also has `transformer_layes`
-        return "a T2I-Adapter (style)"
+        return Detected(OTHER, "", "a T2I-Adapter (style)")
     if has("after_proj_list.18.bias"):
-        return "a HunyuanDiT ControlNet"
+        return Detected(OTHER, "", "a HunyuanDiT ControlNet")
     if has("lora_controlnet") or _any(keys, lambda k: k.startswith("lora_controlnet")):
-        return "a Control-LoRA (Stability AI)"
+        return Detected(CONTROL_LORA, "", "a Control-LoRA (Stability AI)")
     if _any(keys, lambda k: "lllite" in k):
-        return "a ControlNet-LLLite"
+        return Detected(LLLITE, "", "a ControlNet-LLLite")
     if _any(keys, lambda k: k.startswith("task_embedding") or k.startswith("control_add_embedding.")
             or ".transformer_layes." in k or k.startswith("transformer_layes.")
             or k.startswith("control_model.task_embedding")):
-        return "a ControlNet Union / ProMax (controlnet_union)"
+        return Detected(UNION, DIFFUSERS, "a ControlNet Union / ProMax (controlnet_union)")
     if has("controlnet_blocks.0.y_rms.weight"):
-        return "a Qwen-Image block-wise ControlNet (DiffSynth)"
+        return Detected(OTHER, "", "a Qwen-Image block-wise ControlNet (DiffSynth)")
     if has("controlnet_blocks.0.linear.weight"):
-        return "a Flux ControlNet (MistoLine)"
+        return Detected(OTHER, "", "a Flux ControlNet (MistoLine)")
     if has("controlnet_blocks.0.weight") or _any(keys, lambda k: k.startswith("controlnet_blocks.")):
         if has("double_blocks.0.img_attn.norm.key_norm.scale"):
-            return "a Flux ControlNet (XLabs)"
+            return Detected(OTHER, "", "a Flux ControlNet (XLabs)")
         if has("controlnet_x_embedder.weight"):
-            return "a Flux ControlNet (InstantX/Shakker)"
+            return Detected(OTHER, "", "a Flux ControlNet (InstantX/Shakker)")
         if has("transformer_blocks.0.img_mlp.net.0.proj.weight"):
-            return "a Qwen-Image ControlNet (InstantX)"
+            return Detected(OTHER, "", "a Qwen-Image ControlNet (InstantX)")
         if has("pos_embed_input.proj.weight"):
-            return "an SD3 / SD3.5 ControlNet"
-        return "a DiT ControlNet (SD3 / Flux family)"
+            return Detected(OTHER, "", "an SD3 / SD3.5 ControlNet")
+        return Detected(OTHER, "", "a DiT ControlNet (SD3 / Flux family)")
     if _any(keys, lambda k: "motion_modules" in k):
-        return "a SparseCtrl / AnimateDiff motion model"
+        return Detected(OTHER, "", "a SparseCtrl / AnimateDiff motion model")
     if _any(keys, lambda k: "temporal_res_block" in k):
-        return "an SVD ControlNet"
+        return Detected(OTHER, "", "an SVD ControlNet")
     if _any(keys, lambda k: "lora_layer" in k) and _any(keys, lambda k: "zero_convs" in k or "controlnet" in k):
-        return "a CtrLoRA"
+        return Detected(OTHER, "", "a CtrLoRA")
     if _any(keys, lambda k: k.startswith("adapter.") or k.startswith("body.")):
-        return "a T2I-Adapter (light)" if "body.0.in_conv.weight" in keys else "a T2I-Adapter"
+        layout = DIFFUSERS if _any(keys, lambda k: k.startswith("adapter.")) else "tencentarc"
+        light = "body.0.in_conv.weight" in keys or _any(keys, lambda k: k.startswith("adapter.body.0.in_conv."))
+        return Detected(T2I_ADAPTER, layout, "a T2I-Adapter (light)" if light else "a T2I-Adapter")
     if has("backbone.0.0.weight") or has("backbone.10.blocks.0.weight"):
-        return "a Stable Cascade ControlNet"
+        return Detected(OTHER, "", "a Stable Cascade ControlNet")
     if has(ORIGINAL_PREFIX + "zero_convs.0.0.weight") and has("difference"):
-        return "a Diff-ControlNet (weights stored as a difference to the base model)"
+        return Detected(OTHER, "", "a Diff-ControlNet (weights stored as a difference to the base model)")
     return None
 
 
@@ -88,26 +111,23 @@ def _not_a_controlnet(keys: set[str]) -> str | None:
     return None
 
 
-def detect_format(keys: Iterable[str], name: str) -> str:
-    """One of ORIGINAL, ORIGINAL_PREFIXED, DIFFUSERS; otherwise a LoadError that names what it is.
+def detect(keys: Iterable[str], name: str) -> Detected:
+    """The family and layout of a key set; a LoadError naming what it is when it is no control model.
 
     `name` is the file name used in the message.
     """
     keys = set(keys)
     if not keys:
         raise LoadError(f"{name}: holds no tensors at all; it is not a model checkpoint")
-    family = _unsupported_family(keys)
+    family = _other_family(keys)
     if family is not None:
-        raise UnsupportedFamilyError(
-            f"{name}: this is {family}; that family is recognised but not yet supported by "
-            "ControlNet Core. Load it with ComfyUI's own ControlNet loader instead"
-        )
+        return family
     if "controlnet_cond_embedding.conv_in.weight" in keys:
-        return DIFFUSERS
+        return Detected(CONTROLNET, DIFFUSERS, "a ControlNet (diffusers layout)")
     if ORIGINAL_PREFIX + "zero_convs.0.0.weight" in keys:
-        return ORIGINAL_PREFIXED
+        return Detected(CONTROLNET, ORIGINAL_PREFIXED, "a ControlNet (original layout)")
     if "zero_convs.0.0.weight" in keys:
-        return ORIGINAL
+        return Detected(CONTROLNET, ORIGINAL, "a ControlNet (v1.1 layout)")
     what = _not_a_controlnet(keys)
     if what is not None:
         raise LoadError(f"{name}: this is {what}")

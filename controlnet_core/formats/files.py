@@ -6,6 +6,12 @@
   `torch.load(weights_only=True)`: a file that needs arbitrary Python objects is refused, because
   unpickling runs code from the file.
 The container is recognised from the first bytes, not trusted from the extension.
+
+Every reader can be given a `check(header)` callback, called with each tensor's name, shape and
+dtype *before* any tensor data is read (safetensors: from the JSON header; zip checkpoints: from
+the memory-mapped archive; only legacy non-zip pickles must be unpickled whole first). The loader
+uses it to refuse a file of the wrong kind without reading (and upcasting) its weights.
+`read_header` returns the same information alone, for tools that only describe a file.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import os
 import pickle
 import struct
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +31,25 @@ from ..errors import LoadError
 
 StateDict = dict[str, torch.Tensor]
 Cast = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor as the file's header describes it (no data read)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None  # None: a dtype torch does not know
+
+
+Header = dict[str, TensorInfo]
+Check = Callable[[Header], None]
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+    "F8_E5M2": getattr(torch, "float8_e5m2", None),
+}
 
 SAFETENSORS_EXTS = (".safetensors", ".sft")
 PICKLE_EXTS = (".pth", ".ckpt", ".pt", ".bin")
@@ -48,10 +74,40 @@ def sniff_container(path: Path) -> str:
     return "unknown"
 
 
-def read_safetensors(path: Path, cast: Cast = _identity) -> tuple[StateDict, dict[str, str]]:
+def _safetensors_header(path: Path) -> tuple[Header, dict[str, str]]:
+    """The JSON header of a safetensors file: 8 bytes of length, then the header; no tensor read."""
+    name = path.name
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if not 0 < n < 100_000_000:
+                raise ValueError(f"header length {n}")
+            raw = json.loads(f.read(n))
+        size = path.stat().st_size
+        header: Header = {}
+        meta: dict[str, str] = {}
+        for key, entry in raw.items():
+            if key == "__metadata__":
+                meta = {str(k): str(v) for k, v in (entry or {}).items()}
+                continue
+            start, end = entry["data_offsets"]
+            if not 0 <= start <= end <= size - 8 - n:
+                raise ValueError(f"{key} lies beyond the end of the file")
+            header[key] = TensorInfo(tuple(int(d) for d in entry["shape"]), _ST_DTYPES.get(entry["dtype"]))
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        raise LoadError(
+            f"{name}: cannot read it as a .safetensors file ({e}); the file is probably truncated or "
+            "corrupt: download it again"
+        ) from e
+    return header, meta
+
+
+def read_safetensors(path: Path, cast: Cast = _identity, check: Check | None = None) -> tuple[StateDict, dict[str, str]]:
     from safetensors import safe_open
 
     name = path.name
+    if check is not None:
+        check(_safetensors_header(path)[0])
     try:
         sd: StateDict = {}
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -69,7 +125,7 @@ def read_safetensors(path: Path, cast: Cast = _identity) -> tuple[StateDict, dic
     return sd, meta
 
 
-def read_pickle(path: Path, cast: Cast = _identity) -> StateDict:
+def read_pickle(path: Path, cast: Cast = _identity, check: Check | None = None) -> StateDict:
     name = path.name
     obj = None
     last_error: Exception | None = None
@@ -98,10 +154,10 @@ def read_pickle(path: Path, cast: Cast = _identity) -> StateDict:
             f"{name}: cannot read it as a PyTorch checkpoint ({type(last_error).__name__}: "
             f"{str(last_error)[:200]}); the file is probably truncated or corrupt: download it again"
         ) from last_error
-    return _unwrap(obj, name, cast)
+    return _unwrap(obj, name, cast, check)
 
 
-def _unwrap(obj: object, name: str, cast: Cast) -> StateDict:
+def _unwrap(obj: object, name: str, cast: Cast, check: Check | None = None) -> StateDict:
     # Training checkpoints wrap the weights: {"state_dict": {...}, "epoch": ...}.
     for _ in range(3):
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -115,18 +171,58 @@ def _unwrap(obj: object, name: str, cast: Cast) -> StateDict:
             f"{name}: the file holds a {type(obj).__name__}, not a dictionary of weights; "
             "it is not a model checkpoint"
         )
-    sd: StateDict = {}
-    for key, value in obj.items():
-        if isinstance(value, torch.Tensor):  # drop non-tensor bookkeeping (epoch, step, ...)
-            sd[str(key)] = cast(value)
-    return sd
+    # Non-tensor bookkeeping (epoch, step, ...) is dropped. With mmap the tensors are still on disk
+    # here: `check` sees names, shapes and dtypes before `cast` reads any data.
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if check is not None:
+        check({k: TensorInfo(tuple(v.shape), v.dtype) for k, v in tensors.items()})
+    return {k: cast(v) for k, v in tensors.items()}
 
 
-def read_state_dict(path: str | os.PathLike, cast: Cast = _identity) -> tuple[StateDict, dict[str, str]]:
+def read_state_dict(
+    path: str | os.PathLike, cast: Cast = _identity, check: Check | None = None
+) -> tuple[StateDict, dict[str, str]]:
     """Read a single checkpoint file: `(tensors, safetensors metadata or {})`.
 
-    `cast` is applied to every tensor as it is read (dtype conversion without a second full copy).
+    `cast` is applied to every tensor as it is read (dtype conversion without a second full copy);
+    `check` sees the header first (see the module docstring) and may raise to stop the read.
     """
+    path = _checked_file(path)
+    kind = sniff_container(path)
+    if kind == "safetensors":
+        return read_safetensors(path, cast, check)
+    if kind in ("zip", "pickle"):
+        return read_pickle(path, cast, check), {}
+    raise _not_a_model(path)
+
+
+def read_header(path: str | os.PathLike) -> tuple[Header, dict[str, str]]:
+    """Each tensor's shape and dtype, and the safetensors metadata, without reading tensor data
+    (a legacy non-zip pickle is the exception: it has to be unpickled)."""
+    path = _checked_file(path)
+    kind = sniff_container(path)
+    if kind == "safetensors":
+        return _safetensors_header(path)
+    if kind in ("zip", "pickle"):
+        found: list[Header] = []
+
+        def grab(header: Header) -> None:
+            found.append(header)
+            raise _HeaderRead
+
+        try:
+            read_pickle(path, check=grab)
+        except _HeaderRead:
+            pass
+        return found[0], {}
+    raise _not_a_model(path)
+
+
+class _HeaderRead(Exception):
+    """Stops a pickle read once its header has been seen."""
+
+
+def _checked_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     name = path.name
     if not path.exists():
@@ -135,22 +231,22 @@ def read_state_dict(path: str | os.PathLike, cast: Cast = _identity) -> tuple[St
         raise LoadError(f"{name}: is a folder; give a checkpoint file or a diffusers folder with config.json")
     if path.stat().st_size == 0:
         raise LoadError(f"{name}: the file is empty (0 bytes); the download or copy failed: get it again")
-    kind = sniff_container(path)
-    if kind == "safetensors":
-        return read_safetensors(path, cast)
-    if kind in ("zip", "pickle"):
-        return read_pickle(path, cast), {}
+    return path
+
+
+def _not_a_model(path: Path) -> LoadError:
+    name = path.name
     if path.suffix.lower() in SAFETENSORS_EXTS:
-        raise LoadError(
+        return LoadError(
             f"{name}: does not start with a safetensors header; the file is truncated, corrupt or not a "
             "model at all: download it again"
         )
     if path.suffix.lower() in PICKLE_EXTS:
-        raise LoadError(
+        return LoadError(
             f"{name}: is not a PyTorch checkpoint (no zip or pickle header); the file is corrupt or not "
             "a model at all"
         )
-    raise LoadError(
+    return LoadError(
         f"{name}: is not a model file (neither safetensors nor a PyTorch checkpoint); "
         "give a .safetensors or .pth ControlNet"
     )
