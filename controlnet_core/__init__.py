@@ -13,10 +13,12 @@ from .errors import ControlNetError, InputError, LoadError, UnsupportedFamilyErr
 from .host import StepRequest
 from .loader import ModelInfo, infer_config, inspect_controlnet, load_controlnet, save_controlnet
 from .model import ControlNet
+from .t2i_adapter import AdapterConfig, T2IAdapter
 
 __all__ = [
     "PRESETS", "SD15", "SD21", "SDXL", "ControlNetConfig",
     "Control", "ControlModel", "ControlSettings", "ControlStack", "StepRequest",
     "ControlNetError", "InputError", "LoadError", "UnsupportedFamilyError",
-    "ControlNet", "ModelInfo", "load_controlnet", "inspect_controlnet", "save_controlnet", "infer_config",
+    "ControlNet", "AdapterConfig", "T2IAdapter",
+    "ModelInfo", "load_controlnet", "inspect_controlnet", "save_controlnet", "infer_config",
 ]

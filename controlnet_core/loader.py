@@ -44,10 +44,14 @@ import torch
 from .config import ControlNetConfig
 from .errors import LoadError, UnsupportedFamilyError
 from .formats import detect
+from .formats import t2i_adapter as t2i_format
 from .formats.diffusers import diffusers_to_native, from_diffusers_config, native_to_diffusers, to_diffusers_config
-from .formats.files import Header, read_header, read_json, read_state_dict, write_pickle, write_safetensors
+from .formats.files import (
+    Header, read_header, read_json, read_state_dict, tensor_names, write_pickle, write_safetensors,
+)
 from .formats.original import add_prefix, strip_prefix
 from .model import ControlNet
+from .t2i_adapter import AdapterConfig, T2IAdapter
 
 StateDict = dict[str, torch.Tensor]
 
@@ -302,8 +306,30 @@ def _read_source(src: Any, reader: _Reader, name: str | None) -> Source:
         config = read_json(config_path) if config_path is not None else None
         found = _detect_or_refuse(sd.keys(), name)  # all shards together
         return Source(sd, meta, config, name, found, reader.checkpoint_dtype)
-    sd, meta = read_state_dict(path, reader.cast, check)
+    try:
+        sd, meta = read_state_dict(path, reader.cast, check)
+    except UnsupportedFamilyError:
+        raise
+    except LoadError as e:
+        raise _naming_the_family(e, path, name, seen[0] if seen else None) from None
     return Source(sd, meta, None, name, _detect_or_refuse(sd.keys(), name), reader.checkpoint_dtype)
+
+
+def _naming_the_family(e: LoadError, path: Path, name: str, found: detect.Detected | None) -> LoadError:
+    """A damaged file's error, with the family its header still names (a truncated safetensors
+    keeps its header; a truncated .pth loses its index, so nothing can be said there)."""
+    text = str(e)
+    if not text.startswith(f"{name}: "):
+        return e
+    if found is None:
+        names = tensor_names(path)
+        try:
+            found = detect.detect(names, name) if names else None
+        except LoadError:  # the header names no control model: the error says enough
+            return e
+    if found is None:
+        return e
+    return type(e)(f"{text}. Its header says it is {found.display}")
 
 
 def _check_keys(model: Any, sd: StateDict, name: str, what: str) -> None:
@@ -362,8 +388,23 @@ def _arch_classic(sd: StateDict, found: detect.Detected) -> str:
     return infer_config(_native_controlnet_sd(source), name="header").arch
 
 
+def _load_t2i_adapter(
+    source: Source, device: Any, dtype: torch.dtype, ops: Any, config: AdapterConfig | None
+) -> T2IAdapter:
+    name = source.name
+    sd = t2i_format.to_native(source.sd, source.detected.layout, name)
+    cfg = config if config is not None else t2i_format.infer_config(sd, name, source.config_json)
+    model = T2IAdapter(cfg, ops=ops, device="meta", dtype=dtype)
+    return assign_weights(model, sd, name, f"a {cfg.kind} {cfg.arch} T2I-Adapter")
+
+
+def _arch_t2i_adapter(sd: StateDict, found: detect.Detected) -> str:
+    return t2i_format.arch(sd, found.layout)
+
+
 FAMILY_LOADERS: dict[str, FamilyLoader] = {
     detect.CONTROLNET: FamilyLoader(_load_classic, _arch_classic),
+    detect.T2I_ADAPTER: FamilyLoader(_load_t2i_adapter, _arch_t2i_adapter),
 }
 
 

@@ -75,8 +75,6 @@ def test_folder_without_weights(tmp_path):
 # ------------------------------------------------------------------ other families and non-ControlNets
 
 UNSUPPORTED = {
-    "T2I-Adapter": ["conv_in.weight", "body.0.block1.weight", "body.0.block2.weight"],
-    "T2I-Adapter (light)": ["body.0.in_conv.weight", "body.0.body.0.block1.weight"],
     "T2I-Adapter (style)": ["style_embedding", "transformer_layes.0.attn.in_proj_weight", "ln_post.weight"],
     "Control-LoRA": ["lora_controlnet", "input_blocks.1.0.in_layers.2.up", "zero_convs.0.0.weight"],
     "ControlNet Union / ProMax": [

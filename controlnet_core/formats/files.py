@@ -162,6 +162,8 @@ def _unwrap(obj: object, name: str, cast: Cast, check: Check | None = None) -> S
     for _ in range(3):
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             obj = obj["state_dict"]
+        elif isinstance(obj, dict) and isinstance(obj.get("adapter"), dict):  # T2I-Adapter training files
+            obj = obj["adapter"]
         elif isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
             obj = next(iter(obj.values()))
         else:
@@ -177,6 +179,20 @@ def _unwrap(obj: object, name: str, cast: Cast, check: Check | None = None) -> S
     if check is not None:
         check({k: TensorInfo(tuple(v.shape), v.dtype) for k, v in tensors.items()})
     return {k: cast(v) for k, v in tensors.items()}
+
+
+def tensor_names(path: str | os.PathLike) -> list[str]:
+    """The tensor names a safetensors header lists, even when the data after it is cut short (to
+    say what a truncated file was); [] when there is no readable header."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if not 0 < n < 100_000_000:
+                return []
+            raw = json.loads(f.read(n))
+        return [str(k) for k in raw if k != "__metadata__"] if isinstance(raw, dict) else []
+    except (OSError, ValueError, struct.error):
+        return []
 
 
 def read_state_dict(
