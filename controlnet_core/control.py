@@ -83,7 +83,11 @@ class ControlModel(Protocol):
     control_outputs(x, timesteps, context, y, embedding): the unscaled `Outputs` for a batch,
                   `embedding` already matched to the batch's rows.
     Optional: `bind_host(host_weights)`, called at `pre_run` by families built from the host UNet's
-    own weights (Control-LoRA); `supports_fast_path` (the CUDA runner handles the plain ControlNet).
+    own weights (Control-LoRA); `supports_fast_path` (the CUDA runner handles the plain ControlNet);
+    `soft_weights`: the family's own "soft" factors, one per output (T2I-Adapter: A1111's table),
+    used instead of `SOFT_BASE ** (n-1-i)`; `supports_global_pool` (default True): False where
+    global average pooling has no meaning (a T2I-Adapter), so asking for it is an error, not
+    silently done or skipped.
     """
 
     family: str
@@ -169,7 +173,8 @@ class ControlSettings:
 
 
 def residual_weights(
-    weights: str | Sequence[float], n: int, name: str = "", levels: Sequence[int] | None = None
+    weights: str | Sequence[float], n: int, name: str = "", levels: Sequence[int] | None = None,
+    soft: Sequence[float] | None = None,
 ) -> list[float]:
     """One factor per output, i = 0 the first (highest-resolution) skip, i = n-1 the middle.
 
@@ -177,7 +182,9 @@ def residual_weights(
     SDXL (n = 10) peers differ: A1111 takes the first 10 of the 13 SD1 scales (middle 0.825**3), ACN
     uses base ** (n-1-i) (middle 1.0). We follow ACN: the rule keeps its meaning (middle at full
     strength, each shallower residual another x0.825) instead of depending on a list cut for
-    another architecture, and it is the same formula for every n.
+    another architecture, and it is the same formula for every n. A family that states its own
+    soft factors (`soft`, the model's `soft_weights`) gets those: for T2I-Adapters A1111 and ACN
+    use 0.25, 0.62, 0.825, 1.0, not the formula.
     diffusers: torch.logspace(-1, 0, n) (0.1 .. 1.0), as diffusers' ControlNetModel in guess mode.
     paper: 2 ** level_i, the ControlNet paper's "classifier-free guidance resolution weighting"
     (section 3.4): connection i gets w_i = 64 / h_i, h_i its side at 512 px (64, 32, 16, 8), i.e.
@@ -187,6 +194,8 @@ def residual_weights(
     if weights == "uniform":
         return [1.0] * n
     if weights == "soft":
+        if soft is not None and len(soft) == n:
+            return [float(w) for w in soft]
         return [SOFT_BASE ** (n - 1 - i) for i in range(n)]
     if weights == "diffusers":
         return torch.logspace(-1, 0, n).tolist()
@@ -228,10 +237,21 @@ class Control:
     ):
         self.net = net
         self.settings = settings if settings is not None else ControlSettings()
-        self.hint = to_bchw(hint, net.hint_channels)
+        try:
+            self.hint = to_bchw(hint, net.hint_channels)
+        except InputError as e:  # say which model the hint was for
+            raise InputError(f"the hint for the {net.family} ({_source(net)}): {e}") from None
         self.mask = None if mask is None else _check_mask(mask)
+        if self.settings.global_pool and not getattr(net, "supports_global_pool", True):
+            raise InputError(
+                f"global average pooling has no meaning for a {net.family} ({_source(net)}): it is the rule of "
+                "ControlNet 1.1 shuffle models (turned on for files named *_shuffle, as in ComfyUI), and this "
+                f"model's outputs are spatial maps it was never trained to pool; turn global_pool off (or rename "
+                "a file whose name ends in _shuffle)"
+            )
         levels = net.output_levels()
-        self.weights = residual_weights(self.settings.weights, len(levels), f"{net.arch} {net.family}", levels)
+        self.weights = residual_weights(self.settings.weights, len(levels), f"{net.arch} {net.family}", levels,
+                                        soft=getattr(net, "soft_weights", None))
         self.previous: Control | None = None
         self.sigma_range: tuple[float, float] | None = None  # (sigma_start, sigma_end), set by pre_run
         self._cache: dict[tuple, torch.Tensor] = {}  # hint embeddings and resized masks of this run
@@ -430,6 +450,11 @@ def _take(t: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
 
 def _layout(c: Control) -> tuple:
     return tuple(c.net.host_layout)
+
+
+def _source(net: ControlModel) -> str:
+    name = getattr(net, "source_name", None)
+    return f"{name!r}, {net.arch}" if name else net.arch
 
 
 def _describe(c: Control) -> str:

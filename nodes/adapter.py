@@ -8,11 +8,12 @@ always inside functions, so `import comfyui_controlnet_core` works without Comfy
                         counts their memory and can load them partially (--lowvram).
 * `apply_control(...)`  what CNCore_ApplyControlNet does (see its docstring).
 
-Interop: our object works in ComfyUI's ControlNetApplyAdvanced (it speaks `set_cond_hint`, `copy`,
-`set_previous_controlnet`, ...). A ControlNet loaded by ComfyUI's ControlNetLoader works in our
-apply node: with the default options it is applied exactly as ControlNetApplyAdvanced does; with a
-mask, another control mode, resize mode or a stack, an SD1.x/SD2.x/SDXL ControlNet is converted to
-ours (its weights are shared, not copied); other families then get a plain error.
+Interop: our object (any family we load) works in ComfyUI's ControlNetApplyAdvanced (it speaks
+`set_cond_hint`, `copy`, `set_previous_controlnet`, ...). A ControlNet or T2I-Adapter loaded by
+ComfyUI's ControlNetLoader works in our apply node: with the default options it is applied exactly
+as ControlNetApplyAdvanced does; with a mask, another control mode, resize mode or a stack, an
+SD1.x/SD2.x/SDXL ControlNet or a T2I-Adapter is converted to ours (its weights are shared, not
+copied, where the dtype allows); other families then get a plain error.
 """
 
 from __future__ import annotations
@@ -155,30 +156,48 @@ def load_control(name: str) -> Any:
     return control
 
 
-def _handle_for(control_net: Any) -> NetHandle:
-    """Our network behind a CONTROL_NET: ours directly, a ComfyUI-loaded SD ControlNet converted."""
-    if is_core_control(control_net):
-        return control_net.handle
+def _comfyui_network(control_net: Any) -> tuple[nn.Module, torch.dtype | None, Any] | None:
+    """The network inside a control object from ComfyUI's own loader, when it is of a family we run
+    (an SD1.x/SD2.x/SDXL ControlNet, a T2I-Adapter): (module, compute dtype or None, load device)."""
     import comfy.cldm.cldm
     import comfy.controlnet
+    import comfy.t2i_adapter.adapter as t2i
+
+    if isinstance(control_net, comfy.controlnet.ControlNet):
+        model = getattr(control_net, "control_model", None)
+        if type(model) is comfy.cldm.cldm.ControlNet and getattr(model, "task_embedding", None) is None:
+            return model, getattr(control_net, "manual_cast_dtype", None), control_net.load_device
+    elif isinstance(control_net, comfy.controlnet.T2IAdapter):
+        model = getattr(control_net, "t2i_model", None)
+        if type(model) in (t2i.Adapter, t2i.Adapter_light):  # not Stable Cascade's, also loaded as one
+            # ComfyUI runs it in the sampling dtype: so do we
+            return model, _dtype_and_devices()[0], getattr(control_net, "device", None)
+    return None
+
+
+def _handle_for(control_net: Any) -> NetHandle:
+    """Our network behind a CONTROL_NET: ours directly; a ComfyUI-loaded ControlNet or T2I-Adapter
+    converted (its weights shared where the dtype allows, not copied), once per network."""
+    if is_core_control(control_net):
+        return control_net.handle
     import comfy.ops
 
-    model = getattr(control_net, "control_model", None)
-    if (not isinstance(control_net, comfy.controlnet.ControlNet) or type(model) is not comfy.cldm.cldm.ControlNet
-            or getattr(model, "task_embedding", None) is not None):
+    found = _comfyui_network(control_net)
+    if found is None:
         raise InputError(
             f"this ControlNet ({type(control_net).__name__}) was loaded by another node and only the default "
             "options work with it (control mode 'balanced', resize 'crop', interpolation 'nearest-exact', no "
             "mask, no stack); load it with 'Load ControlNet (CNCore)' to use them"
         )
+    model, dtype, load_device = found
     if model in _converted:
         return _converted[model]
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    dtype = getattr(control_net, "manual_cast_dtype", None) or next(iter(state.values())).dtype
+    dtype = dtype or next(iter(state.values())).dtype
     device = next(iter(state.values())).device
     try:
         net = load_controlnet(state, device=device, dtype=dtype, ops=comfy.ops.disable_weight_init,
-                              name="the ControlNet from ComfyUI's loader")
+                              name="from ComfyUI's Load ControlNet node")
     except ControlNetError as e:
         raise InputError(
             f"this ControlNet from ComfyUI's loader cannot take the CNCore options ({e}); use the default options "
@@ -186,8 +205,7 @@ def _handle_for(control_net: Any) -> NetHandle:
         ) from None
     import comfy.model_management as mm
 
-    handle = _make_handle(net, net.source_name, control_net.load_device or mm.get_torch_device(),
-                          mm.unet_offload_device())
+    handle = _make_handle(net, net.source_name, load_device or mm.get_torch_device(), mm.unet_offload_device())
     _converted[model] = handle
     return handle
 
@@ -228,7 +246,7 @@ def _bind(entry: StackEntry) -> BoundEntry:
     handle = _handle_for(entry.control_net)
     return BoundEntry(handle, to_bchw(entry.image, handle.net.hint_channels),
                       float(entry.strength), float(entry.start_percent), float(entry.end_percent),
-                      normalize_mask(entry.mask))
+                      normalize_mask(entry.mask), bool(getattr(entry.control_net, "global_average_pooling", False)))
 
 
 def apply_control(

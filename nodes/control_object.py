@@ -115,6 +115,7 @@ class BoundEntry:
     start_percent: float
     end_percent: float
     mask: torch.Tensor | None
+    global_pool: bool = False  # its own control object's `global_average_pooling` (shuffle files)
 
 
 def normalize_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -189,13 +190,17 @@ class CoreControlMixin:
 
     # ---- settings ---------------------------------------------------------------------------
 
-    def cncore_settings(self, strength: float, start: float, end: float) -> ControlSettings:
+    def cncore_settings(
+        self, strength: float, start: float, end: float, global_pool: bool | None = None
+    ) -> ControlSettings:
+        """The mode and hint options of this object; pooling is each model's own (the main one's by
+        default), so a shuffle ControlNet and a T2I-Adapter can share a stack."""
         return ControlSettings.from_mode(
             self.cncore_mode,
             strength=float(strength),
             start_percent=float(start),
             end_percent=float(end),
-            global_pool=bool(self.global_average_pooling),
+            global_pool=bool(self.global_average_pooling if global_pool is None else global_pool),
             resize=self.cncore_resize,
             interpolation=self.cncore_interpolation,
         )
@@ -206,8 +211,8 @@ class CoreControlMixin:
         controls = []
         if self.cond_hint_original is None:
             raise InputError(
-                f"the ControlNet {self.handle.name!r} has no hint image; connect it to an Apply ControlNet node "
-                "with an image"
+                f"the {self.handle.kind} {self.handle.name!r} has no hint image; connect it to an Apply ControlNet "
+                "node with an image"
             )
         start, end = self.timestep_percent_range
         if self.strength != 0:
@@ -217,8 +222,8 @@ class CoreControlMixin:
             )
         for e in self.cncore_entries:
             controls.append(
-                Control(e.handle.net, e.hint, self.cncore_settings(e.strength, e.start_percent, e.end_percent),
-                        mask=e.mask)
+                Control(e.handle.net, e.hint,
+                        self.cncore_settings(e.strength, e.start_percent, e.end_percent, e.global_pool), mask=e.mask)
             )
         return ControlStack(controls)
 
