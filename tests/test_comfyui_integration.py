@@ -43,6 +43,8 @@ CANNY = "control_v11p_sd15_canny_fp16.safetensors"
 TILE = "control_v11f1e_sd15_tile_fp16.safetensors"
 SDXL_CN = "cncore_tiny_sdxl_controlnet.safetensors"
 BROKEN = "broken_controlnet.safetensors"
+T2I = "t2iadapter_canny_sd15v2.pth"  # the name tests and the T2I example workflow use
+SDXL_T2I = "cncore_tiny_sdxl_t2i_adapter.safetensors"
 OUR_NODES = ("CNCore_LoadControlNet", "CNCore_Preprocessor", "CNCore_ApplyControlNet", "CNCore_CombineControls")
 
 # Runs in ComfyUI's interpreter: random weights into ComfyUI's own classes, saved in the layouts
@@ -103,6 +105,32 @@ XL = dict(image_size=32, in_channels=4, model_channels=64, num_res_blocks=[1, 1]
           num_classes="sequential")
 save_file(half("", randomize(ControlNet(hint_channels=3, dtype=torch.float32, device="cpu", operations=ops, **XL), 5)),
           xl_path)
+'''
+
+# A full-size SD1.5 T2I-Adapter (1-channel, like the canny/sketch files) built with ComfyUI's own
+# class and saved as TencentARC's .pth files are: torch.save of the state dict (fp32).
+MAKE_T2I = r'''
+import math, sys, torch
+from safetensors.torch import save_file
+comfy_path, out_path, xl_path = sys.argv[1:4]
+sys.path.insert(0, comfy_path)
+from comfy.t2i_adapter.adapter import Adapter
+
+def randomize(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(math.prod(p.shape[1:])))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    return module
+
+adapter = Adapter(cin=64, channels=[320, 640, 1280, 1280], nums_rb=2, ksize=1, sk=True, use_conv=False, xl=False)
+torch.save(randomize(adapter, 6).state_dict(), out_path)
+# a tiny SDXL adapter (3-channel hints, 16x unshuffle), for the wrong-model checks
+xl = Adapter(cin=768, channels=[64, 128, 128, 128], nums_rb=2, ksize=1, sk=True, use_conv=False, xl=True)
+save_file({k: v.contiguous() for k, v in randomize(xl, 7).state_dict().items()}, xl_path)
 '''
 
 
@@ -189,6 +217,9 @@ def comfy(tmp_path_factory):
          str(cn_dir / SDXL_CN)], check=True, cwd=base, timeout=900,
     )
     os.link(cn_dir / CANNY, cn_dir / TILE)  # same weights under the second workflow name
+    (base / "make_t2i.py").write_text(MAKE_T2I)
+    subprocess.run([COMFYUI_PYTHON, str(base / "make_t2i.py"), COMFYUI_PATH, str(cn_dir / T2I), str(cn_dir / SDXL_T2I)],
+                   check=True, cwd=base, timeout=300)
     (cn_dir / BROKEN).write_bytes(b"\x00\x01not a safetensors file" * 10)
     port = _free_port()
     log = base / "server.log"
@@ -228,14 +259,15 @@ def comfy(tmp_path_factory):
 def graph(control: str | None, loader: str = "CNCore_LoadControlNet", cn_name: str = CANNY, seed: int = 7,
           steps: int = 3, strength: float = 1.0, start: float = 0.0, end: float = 1.0, extra: dict | None = None,
           mask_size: tuple[int, int] | None = None, prefix: str = "cmp", hint_batch: int = 1,
-          latent_batch: int = 1) -> dict:
+          latent_batch: int = 1, size: tuple[int, int] = (64, 64)) -> dict:
     """ckpt -> text -> [loader + apply] -> KSampler -> VAEDecode -> SaveImage (node "9")."""
     p = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a house by a lake", "clip": ["1", 1]}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
         "4": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
-        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": latent_batch}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": size[0], "height": size[1],
+                                                           "batch_size": latent_batch}},
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
         "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}},
     }
@@ -391,3 +423,59 @@ def test_bad_prompts_fail_with_a_sentence_and_the_next_prompt_runs(comfy):
     # the next valid prompt runs normally, twice (cached control objects are reset per run)
     for seed in (11, 12):  # the second re-samples with the cached conditioning and control objects
         _ok(comfy.run(graph("CNCore_ApplyControlNet", prefix=f"after{seed}", seed=seed)))
+
+
+def test_t2i_adapter_same_image_as_comfyui_builtin(comfy):
+    """A full-size SD1.5 T2I-Adapter written by ComfyUI's own class: our loader + apply against
+    ControlNetLoader + ControlNetApplyAdvanced at the defaults, at 64x64 and at an odd latent size
+    (72x88 px = 9x11 latent: ComfyUI's padded pooling is our rule too), and each loader in the other's
+    apply node."""
+    runs = {}
+    for size in ((64, 64), (72, 88)):
+        tag = f"{size[0]}x{size[1]}"
+        for key, loader, apply in [
+            ("builtin", "ControlNetLoader", "ControlNetApplyAdvanced"),
+            ("ours", "CNCore_LoadControlNet", "CNCore_ApplyControlNet"),
+            ("our_loader_builtin_apply", "CNCore_LoadControlNet", "ControlNetApplyAdvanced"),
+            ("builtin_loader_our_apply", "ControlNetLoader", "CNCore_ApplyControlNet"),
+        ]:
+            runs[key, tag] = comfy.images(_ok(comfy.run(graph(apply, loader=loader, cn_name=T2I, size=size,
+                                                              prefix=f"t2i_{key}_{tag}"))), "9")
+        runs["none", tag] = comfy.images(_ok(comfy.run(graph(None, size=size, prefix=f"t2i_none_{tag}"))), "9")
+        img = runs["builtin", tag][0]
+        saturated = float(np.mean((img == 0) | (img == 255)))
+        d = _diff(runs["ours", tag], runs["builtin", tag])
+        effect = _diff(runs["none", tag], runs["builtin", tag])
+        print(f"\n[t2i parity] {tag}: max pixel diff CNCore vs ComfyUI built-in: {d} (of 255); control effect: "
+              f"{effect}; saturated pixels: {saturated:.1%}")
+        assert effect > 20, "the adapter should visibly change the image"
+        assert saturated < 0.5, "images mostly clipped: the comparison would prove little"
+        assert d <= 1
+        assert _diff(runs["our_loader_builtin_apply", tag], runs["ours", tag]) == 0
+        assert _diff(runs["builtin_loader_our_apply", tag], runs["builtin", tag]) == 0
+    # ComfyUI's adapter with our options (a mask) is converted to ours: the same image as our loader's
+    extra = {"control_mode": "prompt is more important"}
+    a = comfy.images(_ok(comfy.run(graph("CNCore_ApplyControlNet", loader="ControlNetLoader", cn_name=T2I,
+                                         mask_size=(64, 64), extra=extra, prefix="t2i_m_b"))), "9")
+    b = comfy.images(_ok(comfy.run(graph("CNCore_ApplyControlNet", cn_name=T2I, mask_size=(64, 64), extra=extra,
+                                         prefix="t2i_m_o"))), "9")
+    assert _diff(a, b) <= 1
+
+
+def test_t2i_adapter_on_the_wrong_model_or_stacked_wrongly_gets_a_sentence(comfy):
+    # an SDXL adapter on an SD1.5 checkpoint: refused by our apply node, and by our object before the
+    # first step when it sits in ComfyUI's apply node
+    for apply in ("CNCore_ApplyControlNet", "ControlNetApplyAdvanced"):
+        err = _error(comfy.run(graph(apply, cn_name=SDXL_T2I)))
+        msg = err["exception_message"]
+        assert f"T2I-Adapter '{SDXL_T2I}' is made for SDXL models" in msg and "SD1.x" in msg, msg
+    # an SD1.5 adapter stacked with an SDXL ControlNet: refused at apply, naming both
+    p = graph("CNCore_ApplyControlNet", cn_name=T2I)
+    p["14"] = {"class_type": "CNCore_LoadControlNet", "inputs": {"control_net_name": SDXL_CN}}
+    p["15"] = {"class_type": "CNCore_CombineControls", "inputs": {
+        "control_net": ["14", 0], "image": ["4", 0], "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}
+    p["11"]["inputs"]["control_stack"] = ["15", 0]
+    err = _error(comfy.run(p))
+    assert "different architectures" in err["exception_message"] and "T2I-Adapter" in err["exception_message"]
+    # the next prompt with the adapter runs
+    _ok(comfy.run(graph("CNCore_ApplyControlNet", cn_name=T2I, prefix="t2i_after")))
