@@ -6,7 +6,9 @@
 
 `autoencoder` trains the tiny image autoencoder (`latent.py`: 128 px RGB <-> 4 x 16 x 16, SD's 8x
 geometry). `base` trains the reference `UNet` (tiny config, `TINY`) and the `TextEncoder` jointly on the
-procedural shapes (`data.py`) in that latent space: epsilon prediction on
+training scenes in that latent space (`--data drawn`, the default: `drawn.training_scene`, 70 %
+drawn-style scenes and 30 % classic filled ones; `--data procedural`: only the classic `data.py`
+scenes the shipped models were trained on): epsilon prediction on
 SD's discrete schedule, 10 % empty prompts (for classifier-free guidance), AdamW, an EMA of the
 weights (the EMA is what is saved). `controlnet` follows the paper: the base UNet and text encoder
 frozen, the ControlNet initialised as a copy of the base encoder + middle block with its zero convs
@@ -18,7 +20,8 @@ Outputs in `--out`: `autoencoder.safetensors` (autoencoder), `base_unet.safetens
 `controlnet_canny.safetensors` (ControlNet; the original ControlNet key layout via
 `loader.save_controlnet`, so our loader and ComfyUI's load it), and `history_<mode>.json` (loss per
 `--log-every` steps; for the ControlNet also the validation edge F1 every `--eval-every` steps, the
-measure of "sudden convergence").
+measure of "sudden convergence"; with `--data drawn` it is measured on user-style drawings of a seed
+the fixed evaluation does not use). The fixed evaluation is `evaluate.py`.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import torch.nn.functional as F
 
 from . import latent
 from ..config import SD15, ControlNetConfig
-from .data import validation_batch
+from .data import Batch, make_batch, random_scene, validation_batch
 from ..formats.files import read_safetensors, write_safetensors
 from ..host import unet_control
 from ..model import ControlNet
@@ -148,12 +151,38 @@ class EMA:
         torch._foreach_lerp_(dst, src, 1 - d)
 
 
-def make_loader(seed: int, batch: int, device: torch.device, workers: int | None = None):
+DATA_CHOICES = ("drawn", "procedural")
+VALIDATION_SEED = 4321  # drawn validation drawings (not the evaluation's seed)
+
+
+def scene_function(data: str):
+    """The scene maker of a `--data` choice (a module-level function: loader workers pickle it)."""
+    from .drawn import training_scene
+
+    return {"drawn": training_scene, "procedural": random_scene}[data]
+
+
+def validation_set(data: str, n: int) -> Batch:
+    """The ControlNet's validation images: `n` user-style drawings (drawn) or classic scenes."""
+    if data == "procedural":
+        return validation_batch(n)
+    from .evaluate import drawn_eval_set
+
+    items = drawn_eval_set(VALIDATION_SEED)
+    order = [i for k in range(8) for i in range(k, len(items), 8)][:n]  # every group, in turn
+    scenes = [items[i][1] for i in order]
+    from .data import hint_of
+
+    return Batch(np.stack([s.image for s in scenes]), np.stack([hint_of(s.image) for s in scenes]),
+                 [s.prompt for s in scenes])
+
+
+def make_loader(seed: int, batch: int, device: torch.device, workers: int | None = None, data: str = "drawn"):
     from .data import ShapeStream
 
     if workers is None:
         workers = 0 if device.type == "cpu" else max(1, min(12, (os.cpu_count() or 2) - 2))
-    stream = ShapeStream(seed, batch)
+    stream = ShapeStream(seed, batch, scene=scene_function(data))
     if workers == 0:
         return iter(stream)
     loader = torch.utils.data.DataLoader(
@@ -286,10 +315,10 @@ def train_autoencoder(args: argparse.Namespace) -> dict:
     device, out = _start(args)
     ae = latent.TinyAutoencoder().to(device).train()
     opt = _optimizer(ae.parameters(), args.lr, args.weight_decay, device)
-    loader = make_loader(args.seed + 2, args.batch, device, args.workers)
+    loader = make_loader(args.seed + 2, args.batch, device, args.workers, args.data)
     amp = args.amp and device.type == "cuda"
     _log(f"autoencoder: {sum(p.numel() for p in ae.parameters()) / 1e6:.2f} M params, device {device}, "
-         f"batch {args.batch}, amp {amp}")
+         f"batch {args.batch}, amp {amp}, data {args.data}")
     history: dict[str, Any] = {"mode": "autoencoder", "args": vars(args), "loss": []}
     def loss_fn() -> torch.Tensor:
         x = latent.from_uint8(next(loader)["images"].to(device, non_blocking=True))
@@ -301,7 +330,8 @@ def train_autoencoder(args: argparse.Namespace) -> dict:
     params = list(ae.parameters())
     step = _fit("autoencoder", args, params, opt, history, loss_fn)
     ae.eval()
-    val = validation_batch(64, seed=99)
+    val = validation_batch(64, seed=99) if args.data == "procedural" else \
+        make_batch(np.random.default_rng([99, 7]), 64, scene=scene_function(args.data))
     with torch.no_grad():
         z = ae.encode_raw(latent.from_uint8(torch.from_numpy(val.images).to(device)))
         ae.scale.fill_(1.0 / float(z.float().std()))
@@ -329,11 +359,11 @@ def train_base(args: argparse.Namespace) -> dict:
     opt = _optimizer(params, args.lr, args.weight_decay, device)
     ema_unet, ema_text = EMA(unet, args.ema), EMA(text, args.ema)
     diffusion = Diffusion(device)
-    loader = make_loader(args.seed, args.batch, device, args.workers)
+    loader = make_loader(args.seed, args.batch, device, args.workers, args.data)
     amp = args.amp and device.type == "cuda"
     n_params = sum(p.numel() for p in unet.parameters())
     _log(f"base: UNet {n_params / 1e6:.2f} M params, text encoder {sum(p.numel() for p in text.parameters()) / 1e6:.3f} M, "
-         f"device {device}, batch {args.batch}, amp {amp}")
+         f"device {device}, batch {args.batch}, amp {amp}, data {args.data}")
     history: dict[str, Any] = {"mode": "base", "args": vars(args), "loss": []}
 
     def save() -> None:
@@ -357,10 +387,9 @@ def train_base(args: argparse.Namespace) -> dict:
 
     step = _fit("base", args, params, opt, history, loss_fn, on_step)
     save()
-    _, images = validation_f1(ema_unet.shadow, ema_text.shadow, ae, None, validation_batch(args.val_size),
-                              steps=args.eval_steps, cfg=args.cfg)
-    contact_sheet([("data", validation_batch(args.val_size).images, None), ("samples", images, None)],
-                  out / "base_samples.png", scale=1)
+    val = make_batch(np.random.default_rng([1234, 7]), args.val_size, scene=scene_function(args.data))
+    _, images = validation_f1(ema_unet.shadow, ema_text.shadow, ae, None, val, steps=args.eval_steps, cfg=args.cfg)
+    contact_sheet([("data", val.images, None), ("samples", images, None)], out / "base_samples.png", scale=1)
     _log(f"base: {step} steps in {history['seconds']} s -> {out}")
     return history
 
@@ -376,11 +405,11 @@ def train_controlnet(args: argparse.Namespace) -> dict:
     cn = controlnet_from_unet(unet).to(device).train()
     opt = _optimizer(cn.parameters(), args.lr, args.weight_decay, device)
     diffusion = Diffusion(device)
-    loader = make_loader(args.seed + 1, args.batch, device, args.workers)
+    loader = make_loader(args.seed + 1, args.batch, device, args.workers, args.data)
     amp = args.amp and device.type == "cuda"
-    val = validation_batch(args.val_size)
+    val = validation_set(args.data, args.val_size)
     _log(f"controlnet: {sum(p.numel() for p in cn.parameters()) / 1e6:.2f} M params, device {device}, "
-         f"batch {args.batch}, amp {amp}")
+         f"batch {args.batch}, amp {amp}, data {args.data}")
     history: dict[str, Any] = {"mode": "controlnet", "args": vars(args), "loss": [], "f1": []}
     strip: list[np.ndarray] = []
 
@@ -527,6 +556,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/demo", help="output folder (plot: the PNG path)")
     p.add_argument("--base", default=None, help="folder with the earlier stages' files (default --out)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--data", choices=DATA_CHOICES, default="drawn",
+                   help="training scenes: drawn (drawn-style + classic mix, default) or procedural (classic only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=None, help="default 3e-4 (base), 1e-4 (controlnet)")
     p.add_argument("--weight-decay", type=float, default=0.0)
