@@ -41,6 +41,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import control_lora
 from .config import ControlNetConfig
 from .errors import LoadError, UnsupportedFamilyError
 from .formats import detect
@@ -364,6 +365,7 @@ def _arch_classic(sd: StateDict, found: detect.Detected) -> str:
 
 FAMILY_LOADERS: dict[str, FamilyLoader] = {
     detect.CONTROLNET: FamilyLoader(_load_classic, _arch_classic),
+    detect.CONTROL_LORA: FamilyLoader(control_lora.load, control_lora.arch),
 }
 
 
