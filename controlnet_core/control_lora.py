@@ -161,19 +161,21 @@ class ControlLoRA(nn.Module):
                 "pre_run (ComfyUI's samplers, or controlnet_core.sampler.sample)"
             )
         host = host_weights()
-        self._check_host(host)
         with torch.no_grad():
-            fingerprint = _fingerprint([host[k] for k in self._host_keys])
+            base = {k: host.get(k) for k in self._host_keys}  # read once: a host may compute them on access
+            self._check_host(base, host)
+            fingerprint = _fingerprint(list(base.values()))
             if self._bound is not None and self._bound.fingerprint == fingerprint:
                 return
             self._bound = None  # free the old copy first: never two merged copies at once
-            self._bound = _Bound(self._merge(host), fingerprint)
+            self._bound = _Bound(self._merge(base), fingerprint)
 
     def unbind_host(self) -> None:
         """Free the merged copy (a host calls this when its run ends; the next run merges again)."""
         self._bound = None
 
-    def _merge(self, host: Mapping[str, torch.Tensor]) -> ControlNet:
+    def _merge(self, host: dict[str, torch.Tensor]) -> ControlNet:
+        """The ControlNet of `self._host_keys` read from the base model + the file."""
         device, dtype = self.device, self.dtype
         sd: dict[str, torch.Tensor] = {}
         for k in self._shapes:
@@ -189,10 +191,10 @@ class ControlLoRA(nn.Module):
         net.load_state_dict(sd, strict=True, assign=True)
         return net.requires_grad_(False).eval()
 
-    def _check_host(self, host: Mapping[str, torch.Tensor]) -> None:
+    def _check_host(self, base: dict[str, torch.Tensor | None], host: Mapping[str, torch.Tensor]) -> None:
+        """`base`: what we read of the host (None: missing); `host`: all of it, for its key names."""
         problems = []
-        for k in self._host_keys:
-            t = host.get(k)
+        for k, t in base.items():
             if t is None:
                 problems.append(f"it needs {k}, which the model lacks")
             elif tuple(t.shape) != self._shapes[k]:

@@ -92,6 +92,7 @@ def test_detected_from_the_header_and_its_architecture_read_from_shapes(case):
     assert isinstance(model, ControlLoRA)
     assert model.config == case.cfg  # every field read from the file's shapes (heads by the loader's rule)
     assert model.ranks == [4] and model.family == "Control-LoRA" and model.bound_net is None
+    assert model.output_levels() == ControlNet(case.cfg, device="meta").output_levels()  # paper weights, as a ControlNet
     # the low-rank layers are the ones the file stores as .up/.down, nothing else
     assert {k for k in case.file_sd if k.endswith(".up")} == {m + ".up" for m in model._lowrank}
 
@@ -349,6 +350,29 @@ def test_host_weights_apply_lowvram_patches_and_fp8_scales_like_the_layer_forwar
     assert torch.equal(unet.b.weight.detach(), before)  # the host's own weight is left alone
 
 
+def test_each_base_weight_is_read_once_per_bind(case):
+    """A host may compute weights when they are read (HostWeights for --lowvram modules): one read each."""
+    from collections import Counter
+    from collections.abc import Mapping
+
+    reads = Counter()
+
+    class Counting(Mapping):
+        def __getitem__(self, k):
+            reads[k] += 1
+            return case.host[k]
+
+        def __iter__(self):
+            return iter(case.host)
+
+        def __len__(self):
+            return len(case.host)
+
+    model = loader.load_controlnet(case.path)
+    model.bind_host(Counting)
+    assert reads and max(reads.values()) == 1
+
+
 def test_control_object_counts_the_merged_copy_binds_at_pre_run_and_frees_it_at_cleanup(case):
     from test_nodes import HostBase, Sampling, hint_image
 
@@ -373,3 +397,26 @@ def test_control_object_counts_the_merged_copy_binds_at_pre_run_and_frees_it_at_
     assert model.bound_net is not None
     c.cleanup()
     assert model.bound_net is None
+
+
+# ------------------------------------------------------------------------------------------
+# the example workflow
+
+def test_example_workflow_loads_a_control_lora_in_a_clean_layout():
+    import test_workflows as tw
+
+    ui, api = tw.load_pair(tw.WORKFLOWS / "controlnet_control_lora.json")
+    (loader_node,) = [n for n in api.values() if n["class_type"] == "CNCore_LoadControlNet"]
+    assert loader_node["inputs"]["control_net_name"].startswith("control_lora_rank128_v11p_sd15_")
+    (apply,) = [n for n in api.values() if n["class_type"] == "CNCore_ApplyControlNet"]
+    assert isinstance(apply["inputs"]["control_net"], list)
+    # no two node rectangles (title bar of ~30 px included) intersect; the saved view shows them all
+    rects = [(n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1]) for n in ui["nodes"]]
+    for i, a in enumerate(rects):
+        for b in rects[i + 1:]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+    ds = ui["extra"]["ds"]
+    (ox, oy), scale = ds["offset"], ds["scale"]
+    assert scale >= 0.6
+    for x0, y0, x1, y1 in rects:
+        assert 0 <= (x0 + ox) * scale and (x1 + ox) * scale <= 1600 and 0 <= (y0 + oy) * scale and (y1 + oy) * scale <= 1000
