@@ -21,9 +21,9 @@ The copy is built on the device the file's weights sit on (where the host's memo
 them) in their dtype (the host's choice), and follows the latent to another device if needed.
 
 When it is rebuilt: `bind_host` reads a cheap fingerprint of the base-model weights it uses — per
-tensor its shape, dtype, device, storage address, in-place version counter and the sum of at most
-256 evenly spaced elements (no full pass over the weights) — and merges again only when that
-changed (another LoRA patched into the model, another checkpoint). Anything else keeps the copy.
+tensor its shape, dtype, device, storage address, in-place version counter (inference tensors,
+which ComfyUI's are, have none) and the sum of at most 256 evenly spaced elements (no full pass
+over the weights) — and merges again only when that changed (another LoRA patched into the model, another checkpoint). Anything else keeps the copy.
 """
 
 from __future__ import annotations
@@ -262,7 +262,8 @@ def _fingerprint(tensors: list[torch.Tensor]) -> tuple:
     described, probes = [], {}
     for t in tensors:
         flat = t.detach().reshape(-1)
-        described.append((tuple(t.shape), t.dtype, str(t.device), t.data_ptr(), t._version))
+        version = None if t.is_inference() else t._version  # inference tensors (ComfyUI's) keep no counter
+        described.append((tuple(t.shape), t.dtype, str(t.device), t.data_ptr(), version))
         step = max(1, flat.numel() // _PROBES)
         probes.setdefault(str(t.device), []).append(flat[::step][:_PROBES].float().sum())
     sums = tuple((d, tuple(torch.stack(v).tolist())) for d, v in sorted(probes.items()))

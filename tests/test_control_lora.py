@@ -220,6 +220,23 @@ def test_rebuilt_when_the_base_model_changes_and_freed_on_unbind(case):
         outputs(model, inp)
 
 
+def test_binds_in_inference_mode_as_comfyui_runs_every_prompt(case):
+    """ComfyUI executes prompts under torch.inference_mode(): its weights are inference tensors."""
+    with torch.inference_mode():
+        host = {k: v.clone() for k, v in case.host.items()}
+        model = loader.load_controlnet(case.path)
+        model.bind_host(lambda: host)
+        net = model.bound_net
+        model.bind_host(lambda: host)
+        assert model.bound_net is net
+        host = {k: v + 0.01 for k, v in host.items()}
+        model.bind_host(lambda: host)
+        assert model.bound_net is not net
+        inp = make_inputs(case.cfg, batch=2, size=8)
+        assert_parity(outputs(model, inp), rule_outputs(H.by_the_rule(case.cfg, host, case.file_sd), inp),
+                      "inference mode")
+
+
 def test_reference_sampler_merges_the_base_model_with_its_lora_applied():
     """sampler.sample hands `unet.state_dict` to pre_run: a LoRA patched into the UNet's weights is
     part of what gets merged, and a second LoRA between runs is picked up."""
