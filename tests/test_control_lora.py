@@ -437,3 +437,75 @@ def test_example_workflow_loads_a_control_lora_in_a_clean_layout():
     assert scale >= 0.6
     for x0, y0, x1, y1 in rects:
         assert 0 <= (x0 + ox) * scale and (x1 + ox) * scale <= 1600 and 0 <= (y0 + oy) * scale and (y1 + oy) * scale <= 1000
+
+
+# ------------------------------------------------------------------------------------------
+# with ComfyUI's own ModelPatcher (COMFYUI_PATH): a --lowvram partial load
+
+LOWVRAM_SCRIPT = r'''
+import copy, importlib.util, json, sys
+import torch
+comfy_path, pack = sys.argv[1:3]
+sys.path.insert(0, comfy_path)
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.model_patcher, comfy.ops
+spec = importlib.util.spec_from_file_location("cncore", pack + "/__init__.py", submodule_search_locations=[pack])
+module = importlib.util.module_from_spec(spec)
+sys.modules["cncore"] = module
+spec.loader.exec_module(module)
+from cncore.nodes.control_object import HostWeights
+
+ops, cpu = comfy.ops.disable_weight_init, torch.device("cpu")
+net = torch.nn.Module()
+net.a, net.b = ops.Linear(8, 6), ops.Conv2d(4, 5, 3)
+net.c = comfy.ops.scaled_fp8_ops(override_dtype=torch.float8_e4m3fn).Linear(8, 6, bias=False)  # scaled fp8
+torch.manual_seed(0)
+with torch.no_grad():
+    for p in [net.a.weight, net.a.bias, net.b.weight, net.b.bias]:
+        p.normal_()
+    net.c.weight.copy_(torch.randn(6, 8).to(torch.float8_e4m3fn))
+    net.c.scale_weight.fill_(0.37)
+diffs = {k: torch.randn(v.shape) for k, v in net.state_dict().items() if not k.startswith("c.scale")}
+
+def patched():
+    p = comfy.model_patcher.ModelPatcher(copy.deepcopy(net), load_device=cpu, offload_device=cpu)
+    p.add_patches({k: (d,) for k, d in diffs.items()}, 0.5)  # a "diff" patch, as a merged LoRA's
+    return p
+
+with torch.inference_mode():  # as ComfyUI runs every prompt
+    full = patched()
+    full.patch_model(device_to=cpu)  # loaded completely: patches merged into the weights
+    low = patched()
+    low.load(device_to=cpu, lowvram_model_memory=1)  # nothing fits: every module patched on the fly
+    report = {"lowvram_modules": sum(len(getattr(m, "weight_function", [])) > 0 for m in low.model.modules())}
+    want, bare, hw = full.model.state_dict(), low.model.state_dict(), HostWeights(low.model)
+    want["c.weight"] = want["c.weight"].float() * 0.37  # what the fully loaded fp8 layer computes with
+    report["host_weights_err"] = max(float((hw[k] - want[k]).abs().max()) for k in diffs)
+    report["state_dict_err"] = min(float((bare[k].float() - want[k]).abs().max()) for k in diffs)
+print(json.dumps(report))
+'''
+
+
+@pytest.mark.comfyui
+@pytest.mark.skipif(not __import__("os").environ.get("COMFYUI_PATH"), reason="COMFYUI_PATH is not set")
+def test_host_weights_of_a_lowvram_partially_loaded_model_include_its_patches(tmp_path):
+    """ComfyUI's ModelPatcher, partially loaded: state_dict() lacks the patches (and the fp8 scale),
+    HostWeights has them, equal to what the fully loaded model holds."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "lowvram.py"
+    script.write_text(LOWVRAM_SCRIPT)
+    out = subprocess.run(
+        [os.environ.get("COMFYUI_PYTHON", sys.executable), str(script), os.environ["COMFYUI_PATH"],
+         str(Path(__file__).resolve().parents[1])], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"\n[lowvram] {report}")
+    assert report["lowvram_modules"] == 3
+    assert report["state_dict_err"] > 0.1  # the bare state dict misses every patch (what ComfyUI's ControlLora reads)
+    assert report["host_weights_err"] < 1e-6
