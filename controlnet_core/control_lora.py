@@ -134,7 +134,8 @@ class ControlLoRA(nn.Module):
 
     @property
     def bound_bytes(self) -> int:
-        """Bytes a merge allocates (the merged copy, less what it shares with the file)."""
+        """Bytes a merge allocates at most: the merged copy, less what it shares with the file (base-model
+        weights the file leaves as they are are shared too when their device and dtype already fit)."""
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         return itemsize * sum(math.prod(self._shapes[k]) for k in self._built_keys)
 
