@@ -83,7 +83,9 @@ class ControlModel(Protocol):
     control_outputs(x, timesteps, context, y, embedding): the unscaled `Outputs` for a batch,
                   `embedding` already matched to the batch's rows.
     Optional: `bind_host(host_weights)`, called at `pre_run` by families built from the host UNet's
-    own weights (Control-LoRA); `supports_fast_path` (the CUDA runner handles the plain ControlNet);
+    own weights (Control-LoRA); with it, `bound_bytes` (what binding allocates, for a host's memory
+    planning) and `unbind_host()` (frees it; a host calls it when its run ends);
+    `supports_fast_path` (the CUDA runner handles the plain ControlNet);
     `soft_weights`: the family's own "soft" factors, one per output (T2I-Adapter: A1111's table),
     used instead of `SOFT_BASE ** (n-1-i)`; `supports_global_pool` (default True): False where
     global average pooling has no meaning (a T2I-Adapter), so asking for it is an error, not

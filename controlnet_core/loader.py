@@ -41,6 +41,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import control_lora
 from .config import ControlNetConfig
 from .errors import LoadError, UnsupportedFamilyError
 from .formats import detect
@@ -405,6 +406,7 @@ def _arch_t2i_adapter(sd: StateDict, found: detect.Detected) -> str:
 FAMILY_LOADERS: dict[str, FamilyLoader] = {
     detect.CONTROLNET: FamilyLoader(_load_classic, _arch_classic),
     detect.T2I_ADAPTER: FamilyLoader(_load_t2i_adapter, _arch_t2i_adapter),
+    detect.CONTROL_LORA: FamilyLoader(control_lora.load, control_lora.arch),
 }
 
 

@@ -24,6 +24,7 @@ run fails or is interrupted and node outputs are reused across re-queues.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +172,46 @@ def model_family(model: Any) -> tuple[int | None, int | None, str]:
     return int(ctx), (None if adm is None else int(adm)), family_of_width(ctx)
 
 
+class HostWeights(Mapping):
+    """The host UNet's weights as its layers compute with them: what `pre_run` hands to families
+    built from the host (Control-LoRA).
+
+    `state_dict()` alone is not that in ComfyUI. A fully loaded model has its LoRAs patched into the
+    weights in place, but a module left on the offload device by a partial load (--lowvram, or too
+    little free VRAM) keeps its unpatched weight and applies the LoRA on the fly through
+    `weight_function` / `bias_function` (comfy/model_patcher.py `LowVramPatch`), and scaled-fp8
+    checkpoints store fp8 weights that `convert_weight` multiplies by `scale_weight`. (ComfyUI's own
+    ControlLora reads the bare state dict, so it misses both.) Here a weight with such functions is
+    computed like the layer's forward does, in fp32 on the device it sits on, only when read; all
+    others are the state dict's tensors, not copied.
+    """
+
+    def __init__(self, unet: Any):
+        self._sd = unet.state_dict()
+        self._modules = dict(unet.named_modules())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        t = self._sd[key]
+        name, _, kind = key.rpartition(".")
+        module = self._modules.get(name)
+        if module is None or kind not in ("weight", "bias"):
+            return t
+        functions = list(getattr(module, f"{kind}_function", None) or [])
+        convert = getattr(module, "convert_weight", None) if kind == "weight" else None
+        if not functions and convert is None:
+            return t
+        t = t.to(torch.float32, copy=True)  # the functions may work in place (ComfyUI casts with copy=True)
+        for f in functions:
+            t = f(t)
+        return t if convert is None else convert(t)
+
+    def __iter__(self):
+        return iter(self._sd)
+
+    def __len__(self) -> int:
+        return len(self._sd)
+
+
 class CoreControlMixin:
     """See the module docstring. The host base class supplies `__init__` attributes and the chain."""
 
@@ -254,7 +295,7 @@ class CoreControlMixin:
         stack = self.cncore_stack()
         # Families built from the host's own weights (Control-LoRA) read them now, LoRAs applied.
         unet = getattr(model, "diffusion_model", None)
-        stack.pre_run(percent_to_timestep_function, None if unet is None else unet.state_dict)
+        stack.pre_run(percent_to_timestep_function, None if unet is None else (lambda: HostWeights(unet)))
         self._cncore_stack = stack
         self._cncore_sampling = model.model_sampling
 
@@ -317,7 +358,17 @@ class CoreControlMixin:
                 out.append(h.patcher)
         return out
 
+    def inference_memory_requirements(self, dtype):
+        """The chain's needs plus what our models build at pre_run (a Control-LoRA's merged copy),
+        so ComfyUI frees that much before loading (its own ControlLora counts its file here)."""
+        built = sum(int(getattr(h.net, "bound_bytes", 0)) for h in self.cncore_handles())
+        return super().inference_memory_requirements(dtype) + built
+
     def cleanup(self):
         self._cncore_stack = None
         self._cncore_sampling = None
+        for h in self.cncore_handles():  # free what pre_run built from the host (merged copies)
+            unbind = getattr(h.net, "unbind_host", None)
+            if unbind is not None:
+                unbind()
         super().cleanup()

@@ -153,7 +153,9 @@ class ApplyControlNet:
                     "default": DEFAULT_MODE,
                     "tooltip": "balanced: as ComfyUI; 'prompt is more important': weaker on shallow layers "
                                "(0.825^k); 'controlnet is more important' / 'guess mode': the same weights, and "
-                               "the control acts on the positive half only."}),
+                               "the control acts on the positive half only; 'cfg resolution weighting (paper)': "
+                               "the ControlNet paper's weights 64/h (1, 2, 4, 8 from the finest block down), on the "
+                               "positive half only."}),
                 "resize_mode": (list(RESIZE_MODES), {
                     "default": DEFAULT_RESIZE,
                     "tooltip": "How the hint fits the generated image when their shapes differ: crop (ComfyUI's "

@@ -45,6 +45,7 @@ SDXL_CN = "cncore_tiny_sdxl_controlnet.safetensors"
 BROKEN = "broken_controlnet.safetensors"
 T2I = "t2iadapter_canny_sd15v2.pth"  # the name tests and the T2I example workflow use
 SDXL_T2I = "cncore_tiny_sdxl_t2i_adapter.safetensors"
+CLORA = "control_lora_rank128_v11p_sd15_canny_fp16.safetensors"  # the name the Control-LoRA workflow uses
 OUR_NODES = ("CNCore_LoadControlNet", "CNCore_Preprocessor", "CNCore_ApplyControlNet", "CNCore_CombineControls")
 
 # Runs in ComfyUI's interpreter: random weights into ComfyUI's own classes, saved in the layouts
@@ -53,7 +54,7 @@ OUR_NODES = ("CNCore_LoadControlNet", "CNCore_Preprocessor", "CNCore_ApplyContro
 MAKE_MODELS = r'''
 import math, sys, torch
 from safetensors.torch import save_file
-comfy_path, ckpt_path, cn_path, xl_path = sys.argv[1:5]
+comfy_path, ckpt_path, cn_path, xl_path, clora_path = sys.argv[1:6]
 sys.path.insert(0, comfy_path)
 import comfy.cli_args
 comfy.cli_args.args.cpu = True
@@ -98,7 +99,28 @@ save_file(sd, ckpt_path)
 del sd
 cn = randomize(ControlNet(hint_channels=3, dtype=torch.float32, device="cpu", operations=ops, **SD15), 4)
 save_file(half("", cn), cn_path)
-del cn
+
+# An SD1.5 Control-LoRA (rank 128, Stability's layout) for that checkpoint: .up/.down on the layers
+# diffusers' Control-LoRA conversion lists, everything else (hint encoder, zero convs, norms, biases)
+# stored whole, the lora_controlnet marker.
+import re
+LOWRANK = re.compile(r"(^input_blocks\.0\.0$|^time_embed\.[02]$|\.op$|\.in_layers\.2$|\.out_layers\.3$"
+                     r"|\.emb_layers\.1$|\.skip_connection$|\.proj_in$|\.proj_out$|\.attn[12]\.to_[qkv]$"
+                     r"|\.attn[12]\.to_out\.0$|\.ff\.net\.0\.proj$|\.ff\.net\.2$)")
+g = torch.Generator().manual_seed(6)
+clora = {"lora_controlnet": torch.tensor([])}
+for k, v in cn.state_dict().items():
+    module, _, kind = k.rpartition(".")
+    if kind == "weight" and LOWRANK.search(module) and not module.startswith(("zero_convs", "input_hint_block")):
+        fan_in = math.prod(v.shape[1:])
+        r = min(128, v.shape[0], fan_in)
+        up = torch.randn(v.shape[0], r, generator=g) / math.sqrt(r)
+        clora[module + ".up"] = (up if v.ndim == 2 else up[:, :, None, None]).half()
+        clora[module + ".down"] = (0.3 * torch.randn(r, *v.shape[1:], generator=g) / math.sqrt(fan_in)).half()
+    else:
+        clora[k] = v.half().contiguous()
+save_file(clora, clora_path)
+del cn, clora
 XL = dict(image_size=32, in_channels=4, model_channels=64, num_res_blocks=[1, 1], transformer_depth=[0, 1],
           channel_mult=[1, 2], transformer_depth_middle=1, use_linear_in_transformer=True, context_dim=2048,
           num_head_channels=64, use_spatial_transformer=True, legacy=False, adm_in_channels=2816,
@@ -214,7 +236,7 @@ def comfy(tmp_path_factory):
     cn_dir = base / "models" / "controlnet"
     subprocess.run(
         [COMFYUI_PYTHON, str(script), COMFYUI_PATH, str(base / "models/checkpoints" / CKPT), str(cn_dir / CANNY),
-         str(cn_dir / SDXL_CN)], check=True, cwd=base, timeout=900,
+         str(cn_dir / SDXL_CN), str(cn_dir / CLORA)], check=True, cwd=base, timeout=900,
     )
     os.link(cn_dir / CANNY, cn_dir / TILE)  # same weights under the second workflow name
     (base / "make_t2i.py").write_text(MAKE_T2I)
@@ -479,3 +501,28 @@ def test_t2i_adapter_on_the_wrong_model_or_stacked_wrongly_gets_a_sentence(comfy
     assert "different architectures" in err["exception_message"] and "T2I-Adapter" in err["exception_message"]
     # the next prompt with the adapter runs
     _ok(comfy.run(graph("CNCore_ApplyControlNet", cn_name=T2I, prefix="t2i_after")))
+
+
+def test_control_lora_matches_comfyui_builtin(comfy):
+    """An SD1.5 Control-LoRA: our loader + apply (merged once per run) against ComfyUI's
+    ControlNetLoader + ControlNetApplyAdvanced (W + up @ down in every forward), same seed; then
+    the mixed pairings. Our loader's two runs sample separately, so the second one rebuilds the
+    merged copy the first one's cleanup freed."""
+    runs = {}
+    for key, loader, apply in [
+        ("builtin", "ControlNetLoader", "ControlNetApplyAdvanced"),
+        ("ours", "CNCore_LoadControlNet", "CNCore_ApplyControlNet"),
+        ("our_loader_builtin_apply", "CNCore_LoadControlNet", "ControlNetApplyAdvanced"),
+        ("builtin_loader_our_apply", "ControlNetLoader", "CNCore_ApplyControlNet"),
+    ]:
+        runs[key] = comfy.images(_ok(comfy.run(graph(apply, loader=loader, cn_name=CLORA, prefix=f"cl_{key}"))), "9")
+    runs["none"] = comfy.images(_ok(comfy.run(graph(None, prefix="cl_none"))), "9")
+    d_ours = _diff(runs["ours"], runs["builtin"])
+    effect = _diff(runs["none"], runs["builtin"])
+    print(f"\n[parity] Control-LoRA: max pixel diff CNCore vs ComfyUI built-in: {d_ours} (of 255); control effect "
+          f"(no control vs built-in): {effect}; mixed pairings: "
+          f"{_diff(runs['our_loader_builtin_apply'], runs['ours'])}, {_diff(runs['builtin_loader_our_apply'], runs['builtin'])}")
+    assert effect > 20, "the Control-LoRA should visibly change the image"
+    assert d_ours <= 1
+    assert _diff(runs["our_loader_builtin_apply"], runs["ours"]) == 0
+    assert _diff(runs["builtin_loader_our_apply"], runs["builtin"]) == 0

@@ -76,7 +76,6 @@ def test_folder_without_weights(tmp_path):
 
 UNSUPPORTED = {
     "T2I-Adapter (style)": ["style_embedding", "transformer_layes.0.attn.in_proj_weight", "ln_post.weight"],
-    "Control-LoRA": ["lora_controlnet", "input_blocks.1.0.in_layers.2.up", "zero_convs.0.0.weight"],
     "ControlNet Union / ProMax": [
         "controlnet_cond_embedding.conv_in.weight", "task_embedding", "control_add_embedding.linear_1.bias",
         "transformer_layes.0.attn.in_proj_weight",
