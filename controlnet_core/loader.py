@@ -44,9 +44,11 @@ import torch
 from .config import ControlNetConfig
 from .errors import LoadError, UnsupportedFamilyError
 from .formats import detect
+from .formats import lllite as lllite_format
 from .formats.diffusers import diffusers_to_native, from_diffusers_config, native_to_diffusers, to_diffusers_config
 from .formats.files import Header, read_header, read_json, read_state_dict, write_pickle, write_safetensors
 from .formats.original import add_prefix, strip_prefix
+from .lllite import ControlNetLLLite
 from .model import ControlNet
 
 StateDict = dict[str, torch.Tensor]
@@ -362,8 +364,22 @@ def _arch_classic(sd: StateDict, found: detect.Detected) -> str:
     return infer_config(_native_controlnet_sd(source), name="header").arch
 
 
+def _load_lllite(source: Source, device: Any, dtype: torch.dtype, ops: Any, config: Any) -> ControlNetLLLite:
+    if config is not None:
+        raise LoadError(f"{source.name}: a config override is for ControlNets; an LLLite's shape is read from its file")
+    specs = lllite_format.read_modules({k: tuple(v.shape) for k, v in source.sd.items()}, source.name)
+    model = ControlNetLLLite(specs, ops=ops, device="meta", dtype=dtype)
+    return assign_weights(model, source.sd, source.name, "a ControlNet-LLLite of these module shapes")
+
+
+def _arch_lllite(sd: StateDict, found: detect.Detected) -> str:
+    lllite_format.read_modules({k: tuple(v.shape) for k, v in sd.items()}, "header")  # refuses what we cannot run
+    return ControlNetLLLite.arch
+
+
 FAMILY_LOADERS: dict[str, FamilyLoader] = {
     detect.CONTROLNET: FamilyLoader(_load_classic, _arch_classic),
+    detect.LLLITE: FamilyLoader(_load_lllite, _arch_lllite),
 }
 
 
