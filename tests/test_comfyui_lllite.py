@@ -1,11 +1,10 @@
 """ControlNet-LLLite inside a real ComfyUI, over HTTP, on the CPU (runs only with COMFYUI_PATH).
 
-Why a stand-in model. LLLite exists for SDXL only, and a real SDXL checkpoint on this CPU machine is
-out of reach for a test: ComfyUI only recognises SDXL by its exact shapes (model_channels 320,
-transformer depths [0, 0, 2, 2, 10, 10]), i.e. the full 2.6 B-parameter UNet (10.3 GB in fp32, as
-ComfyUI runs it on the CPU) plus the two text encoders (0.8 B parameters), which with the fixture
-writer and a second copy while loading needs well over the RAM this shared machine can give one
-test. So a small test pack (written into the temporary ComfyUI base, never shipped) builds a tiny
+Why a stand-in model. LLLite exists for SDXL only, and ComfyUI only recognises SDXL by its exact
+shapes (model_channels 320, transformer depths [0, 0, 2, 2, 10, 10]), i.e. the full 2.6 B-parameter
+UNet (10.3 GB in fp32, as ComfyUI runs it on the CPU) plus the two text encoders (0.8 B parameters):
+more RAM than a CPU test on a shared 24 GB machine should take (estimated from the sizes, not
+attempted). So a small test pack (written into the temporary ComfyUI base, never shipped) builds a tiny
 SDXL-shaped model with ComfyUI's OWN classes (`supported_models.SDXL`, `model_base.SDXL`,
 `openaimodel.UNetModel`: SDXL's block numbering and `y`, widths 64/128/256, 1-2 transformer blocks),
 random text conditioning of SDXL's widths (2048 / pooled 1280), and `CNCoreTest_KohyaLLLite`: the
