@@ -25,9 +25,18 @@ mid]`, SD1/SD2 13, SDXL 10) into what the UNet adds, in this order:
    averaging when shrinking (each cell gets the fraction of it inside the region, so a region on
    the block grid stays exactly 0/1), bilinear when enlarging (align_corners=False).
 
+Attention-input patches (`host.ATTENTION`, ControlNet-LLLite) get the same treatment, applied to
+the term each deferred function returns when the host calls it: the gate (inactive: no patch is
+handed to the host), the rows (cond-only: the function sees the cond rows of the activation, the
+uncond rows get a zero term), pooling over the tokens, `strength * weight`, and the mask resized to
+the block's token grid (same area/bilinear rule) and flattened like the tokens. Weights count one
+output per UNet block an attention slot patches (all sites of a block share it), after the residual
+slots; for an LLLite that is input 4, 5, 7, 8, middle.
+
 Several controls add up: `ControlStack([a, b]).residuals(r)` is the sum of each control's residuals
 (ComfyUI's `control_merge`), and a control chained with `previous` (ComfyUI's
-`set_previous_controlnet`) is the stack of its chain.
+`set_previous_controlnet`) is the stack of its chain. Attention patches of a stack are applied one
+after the other at their site, oldest control first (host.py).
 """
 
 from __future__ import annotations
@@ -42,7 +51,9 @@ import torch.nn.functional as F
 
 from .errors import ControlNetError, InputError
 from .hint import INTERPOLATIONS, RESIZE_MODES, check_choice, resize_hint, tile_to_batch, to_bchw
-from .host import COND, SLOTS, HostWeights, Outputs, PercentToSigma, ResidualDict, StepRequest, control_dict
+from .host import (
+    ATTENTION, COND, SLOTS, AttnFn, HostWeights, Outputs, PercentToSigma, ResidualDict, StepRequest, control_dict,
+)
 from .fast.runner import stack_residuals
 
 # lllyasviel/ControlNet gradio apps, guess mode: scales = [strength * 0.825 ** (12 - i) for i in 0..12].
@@ -78,13 +89,18 @@ class ControlModel(Protocol):
     embed_hint(hint): the part that does not depend on the step, from a (B, 3, H, W) hint in
                   [0, 1] (a tensor or a list of tensors whose dim 0 is the hint batch); computed
                   once per run and size;
-    output_levels():  for each weighted output (in the order of rule 4 above) its resolution level
-                  (0 = the latent's, +1 per 2x down): what the "paper" weights are made of;
+    output_levels():  for each weighted output (in the order of rule 4 above; an attention slot
+                  counts once per UNet block it patches) its resolution level (0 = the latent's,
+                  +1 per 2x down): what the "paper" weights are made of;
     control_outputs(x, timesteps, context, y, embedding): the unscaled `Outputs` for a batch,
-                  `embedding` already matched to the batch's rows.
-    Optional: `bind_host(host_weights)`, called at `pre_run` by families built from the host UNet's
-    own weights (Control-LoRA); with it, `bound_bytes` (what binding allocates, for a host's memory
-    planning) and `unbind_host()` (frees it; a host calls it when its run ends);
+                  `embedding` already matched to the batch's rows: residual tensors in the
+                  `input`/`output`/`middle` slots and/or attention-input patches in `attention`,
+                  `(AttnSite, fn)` pairs whose `fn(h, grid)` returns the term for the host's
+                  activation `h` (host.py); `fn` gets exactly the rows `x` had.
+    Optional: `bind_host(host_weights)`, called at `pre_run` with the host UNet's weights: families
+    built from them (Control-LoRA) build themselves, families that patch the host's attention
+    (LLLite) check that its widths fit; with it, `bound_bytes` (what binding allocates, for a
+    host's memory planning) and `unbind_host()` (frees it; a host calls it when its run ends);
     `supports_fast_path` (the CUDA runner handles the plain ControlNet);
     `soft_weights`: the family's own "soft" factors, one per output (T2I-Adapter: A1111's table),
     used instead of `SOFT_BASE ** (n-1-i)`; `supports_global_pool` (default True): False where
@@ -209,8 +225,9 @@ def residual_weights(
     if len(values) != n:
         name = f"this {name}" if name else "this control model"
         raise InputError(
-            f"{len(values)} weights given but {name} has {n} outputs (for a ControlNet: {n - 1} skips + "
-            "middle); give one weight per output, the first skip first and the middle last"
+            f"{len(values)} weights given but {name} has {n} outputs (a ControlNet: its skips + the middle; "
+            "a ControlNet-LLLite: one per UNet block it patches); give one weight per output, the first skip "
+            "(or block) first and the middle last"
         )
     return values
 
@@ -336,7 +353,37 @@ class Control:
         for slot in SLOTS:
             out[slot] = [None if r is None else self._finish(r, next(scales), rows, batch, chunks)
                          for r in raw.get(slot, [])]
+        block_weight: dict[tuple, float] = {}  # attention patches: one weight per UNet block
+        out[ATTENTION] = []
+        for site, fn in raw.get(ATTENTION, []):
+            if tuple(site.block) not in block_weight:
+                block_weight[tuple(site.block)] = next(scales)
+            out[ATTENTION].append((site, self._attention_term(fn, block_weight[tuple(site.block)], rows, batch, chunks)))
         return out
+
+    def _attention_term(self, fn: AttnFn, weight: float, rows: torch.Tensor | None, batch: int, chunks: int) -> AttnFn:
+        """`fn` with this control's rows, pooling, scale and mask, for the host to call."""
+        s = self.settings
+
+        def term(h: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+            if h.shape[0] != batch:
+                raise InputError(
+                    f"the host's attention activation has batch {h.shape[0]}, the model call {batch}; the "
+                    f"{self.net.family} patch cannot tell which rows are which"
+                )
+            d = fn(h if rows is None else h[rows], grid)
+            if s.global_pool:
+                d = d.mean(dim=1, keepdim=True).expand_as(d)
+            d = d * (s.strength * weight)
+            if rows is not None:
+                full = d.new_zeros((batch, *d.shape[1:]))
+                full[rows] = d
+                d = full
+            if self.mask is not None:  # (B, 1, th, tw) -> (B, th*tw, 1), the tokens' order
+                d = d * self._mask_at(grid[0], grid[1], d.device, d.dtype, batch, chunks).flatten(2).transpose(1, 2)
+            return d
+
+        return term
 
     def _finish(self, r: torch.Tensor, weight: float, rows: torch.Tensor | None, batch: int, chunks: int) -> torch.Tensor:
         s = self.settings
@@ -352,7 +399,7 @@ class Control:
             full[rows] = r
             r = full
         if self.mask is not None:
-            r = r * self._mask_at(r, batch, chunks)
+            r = r * self._mask_at(r.shape[-2], r.shape[-1], r.device, r.dtype, batch, chunks)
         return r
 
     def hint_embedding(self, h: int, w: int, device: torch.device | str) -> Any:
@@ -366,17 +413,16 @@ class Control:
             self._cache[key] = self.net.embed_hint(hint.to(device))
         return self._cache[key]
 
-    def _mask_at(self, r: torch.Tensor, batch: int, chunks: int) -> torch.Tensor:
-        h, w = r.shape[-2:]
-        key = ("mask", h, w, str(r.device), r.dtype)
+    def _mask_at(self, h: int, w: int, device: torch.device, dtype: torch.dtype, batch: int, chunks: int) -> torch.Tensor:
+        key = ("mask", h, w, str(device), dtype)
         if key not in self._cache:
-            m = self.mask[:, None].to(r.device)
+            m = self.mask[:, None].to(device)
             if (h, w) != tuple(m.shape[-2:]):
                 if h <= m.shape[-2] and w <= m.shape[-1]:
                     m = F.interpolate(m, size=(h, w), mode="area")
                 else:
                     m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
-            self._cache[key] = m.to(r.dtype)
+            self._cache[key] = m.to(dtype)
         return tile_to_batch(self._cache[key], batch, chunks, what="mask")
 
 
@@ -423,8 +469,9 @@ class ControlStack:
 
 
 def add_outputs(a: Outputs, b: Outputs) -> Outputs:
-    """Slot-wise, index-wise sum of two controls' outputs; None is a hole, a shorter list is padded."""
-    out: Outputs = {}
+    """Slot-wise, index-wise sum of two controls' outputs; None is a hole, a shorter list is padded.
+    Attention patches are kept in order (a's, then b's): the host applies them one after the other."""
+    out: Outputs = {ATTENTION: [*a.get(ATTENTION, []), *b.get(ATTENTION, [])]}
     for slot in SLOTS:
         x, y = list(a.get(slot, [])), list(b.get(slot, []))
         n = max(len(x), len(y))

@@ -18,6 +18,29 @@ every call returns fresh lists.
 Families build their answer as `Outputs`: the same three slots with every list in *encoder* order
 (input block 0 first, the first skip first); `control_dict` turns that into the consumable dict.
 
+Attention-input patches, the one hook next to residuals (`ATTENTION`; ControlNet-LLLite uses it).
+Some families do not add to a block's output but to the INPUT of an attention projection inside it:
+the host computes `to_q(h + term(h))` instead of `to_q(h)`. Such a family answers, in
+`Outputs["attention"]`, a list of `(AttnSite, fn)` in the order the host meets the sites, where
+
+    AttnSite(block, index, attn, proj)  block: ("input", i) | ("middle", 0) | ("output", i), the
+                                        UNet block as ComfyUI names it (`transformer_options["block"]`);
+                                        index: the transformer block inside that block's
+                                        SpatialTransformer (ComfyUI's `block_index`); attn: "attn1"
+                                        (self-attention: proj "q", "k" or "v") or "attn2" (cross-
+                                        attention: only "q", the other two read the text);
+    fn(h, grid) -> term                 h: (B, N, C) what the projection is about to read, N = th*tw
+                                        tokens of the block's grid `grid = (th, tw)`; term: same shape.
+
+The functions are deferred: the family computes nothing until the host runs that attention. In the
+dict, `control_dict` groups them per site: `{"attention": {site: [fn, ...]}}` (the key is absent when
+no control patches anything). At a site the host applies the list in order, each to what the
+previous one left: `h = h + fn(h, grid)` (so two LLLites compose as ComfyUI's `attn1_patch` list and
+kohya's nested wrappers do), then runs the projection. A site the host lacks must not be skipped
+in silence: the reference UNet refuses it, and LLLite checks the host's weights at `pre_run`.
+The reference UNet (`unet.py`) implements the hook; ComfyUI's adapter registers the same functions
+as `attn1_patch` / `attn2_patch` for one model call (`nodes/control_object.py`).
+
 `pre_run` may also get `host_weights`, a callable returning the host UNet's state dict with LDM
 key names (`input_blocks.*`, ...) as it is now, LoRAs applied: families made of the host's own
 weights (Control-LoRA) are built from it at the start of every run.
@@ -28,18 +51,41 @@ weights (Control-LoRA) are built from it at the start of every run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, NamedTuple, Protocol
 
 import torch
 
 from .errors import InputError
 
 PercentToSigma = Callable[[float], float]
-ResidualDict = dict[str, list[torch.Tensor]]
+ResidualDict = dict[str, Any]  # "input"/"middle"/"output": lists of tensors; "attention": {site: [fn]}
 Outputs = dict[str, list]  # slot -> tensors (or None holes) in encoder order; see the module docstring
 HostWeights = Callable[[], Mapping[str, torch.Tensor]]
 
 SLOTS = ("input", "output", "middle")  # also the order in which outputs are counted for weights
+ATTENTION = "attention"  # the attention-input patch slot; counted after SLOTS, one weight per UNet block
+ATTN_PROJECTIONS = {"attn1": ("q", "k", "v"), "attn2": ("q",)}
+
+AttnFn = Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]  # (h (B, N, C), grid (th, tw)) -> term
+
+
+class AttnSite(NamedTuple):
+    """Where an attention-input patch acts (see the module docstring)."""
+
+    block: tuple[str, int]  # ("input", 4), ("middle", 0), ("output", 2)
+    index: int              # transformer block inside the block (ComfyUI's block_index)
+    attn: str               # "attn1" | "attn2"
+    proj: str               # "q" | "k" | "v"
+
+    def check(self) -> "AttnSite":
+        kind, number = self.block
+        if (kind not in ("input", "middle", "output") or self.index < 0 or number < 0
+                or self.proj not in ATTN_PROJECTIONS.get(self.attn, ())):
+            raise InputError(
+                f"{self} is no attention-input site: blocks are input/middle/output, attn1 takes q, k, v and "
+                "attn2 only q"
+            )
+        return self
 
 COND, UNCOND = 0, 1  # ComfyUI's cond_or_uncond markers
 
@@ -106,12 +152,25 @@ class ControlSource(Protocol):
 def control_dict(outputs: Outputs) -> ResidualDict:
     """The dict ComfyUI's UNet consumes, with fresh lists (the UNet pops them empty): `input` is
     reversed (popped from the end, block 0 first); `output` stays in encoder order (popped from the
-    end by the decoder, deepest first)."""
-    return {
+    end by the decoder, deepest first); attention-input patches grouped per site, in order."""
+    out: ResidualDict = {
         "input": list(reversed(outputs.get("input", []))),
         "middle": list(outputs.get("middle", [])),
         "output": list(outputs.get("output", [])),
     }
+    patches: dict[AttnSite, list[AttnFn]] = {}
+    for site, fn in outputs.get(ATTENTION, ()):
+        patches.setdefault(site, []).append(fn)
+    if patches:
+        out[ATTENTION] = patches
+    return out
+
+
+def apply_attention(patches: list[AttnFn], h: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """What a host does at one site: each patch adds its term to what the previous one left."""
+    for fn in patches:
+        h = h + fn(h, grid)
+    return h
 
 
 def unet_control(down: list[torch.Tensor], mid: torch.Tensor) -> ResidualDict:

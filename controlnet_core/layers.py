@@ -7,13 +7,18 @@ original and v1.1 files load with no renaming and our own checkpoints load in Co
 Every layer with weights is built through `ops` (default `torch.nn`): a host may pass its own
 namespace with `Linear`, `Conv2d`, `GroupNorm`, `LayerNorm` (ComfyUI's `comfy.ops` casting layers,
 which its low-VRAM partial loading needs) without this module importing the host.
+
+Attention-input patches (host.py's hook): `TimestepSequential` and `SpatialTransformer` take an
+optional `attn_patch(index, attn, proj, h, grid) -> h`, which a transformer block calls on the input
+of each projection (`to_q/to_k/to_v` of attn1, `to_q` of attn2) before the projection reads it.
+Without it every forward is exactly the plain one.
 """
 
 from __future__ import annotations
 
 import math
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +29,9 @@ from .config import ControlNetConfig
 DEFAULT_OPS = SimpleNamespace(
     Linear=nn.Linear, Conv2d=nn.Conv2d, GroupNorm=nn.GroupNorm, LayerNorm=nn.LayerNorm
 )
+
+# (transformer block index, "attn1"|"attn2", "q"|"k"|"v", projection input, token grid) -> new input
+AttnPatch = Callable[[int, str, str, torch.Tensor, tuple[int, int]], torch.Tensor]
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -42,12 +50,13 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 class TimestepSequential(nn.Sequential):
     """A Sequential whose ResBlocks get the time embedding and transformers the text context."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
+                attn_patch: AttnPatch | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, attn_patch)
             else:
                 x = layer(x)
         return x
@@ -87,12 +96,16 @@ class Attention(nn.Module):
         self.to_v = ops.Linear(context_dim, inner, bias=False, **kw)
         self.to_out = nn.Sequential(ops.Linear(inner, dim, **kw), nn.Dropout(0.0))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                value: torch.Tensor | None = None) -> torch.Tensor:
+        """q from `x`, k from `context` (default x), v from `value` (default context): as ComfyUI's
+        CrossAttention, so patched inputs can differ per projection."""
         context = x if context is None else context
+        value = context if value is None else value
         b, n, _ = x.shape
         q, k, v = (
             t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
-            for t in (self.to_q(x), self.to_k(context), self.to_v(context))
+            for t in (self.to_q(x), self.to_k(context), self.to_v(value))
         )
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
@@ -119,9 +132,15 @@ class TransformerBlock(nn.Module):
         self.norm2 = ops.LayerNorm(dim, **kw)
         self.norm3 = ops.LayerNorm(dim, **kw)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None,
+                patch: Callable[[str, str, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        if patch is None:
+            x = self.attn1(self.norm1(x)) + x
+            x = self.attn2(self.norm2(x), context) + x
+        else:  # attention-input patches: each projection reads its own patched input
+            n = self.norm1(x)
+            x = self.attn1(patch("attn1", "q", n), patch("attn1", "k", n), patch("attn1", "v", n)) + x
+            x = self.attn2(patch("attn2", "q", self.norm2(x)), context) + x
         return self.ff.net(self.norm3(x)) + x
 
 
@@ -142,7 +161,7 @@ class SpatialTransformer(nn.Module):
             TransformerBlock(inner, heads, head_dim, cfg.context_dim, ops, **kw) for _ in range(depth)
         )
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, attn_patch: AttnPatch | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
         x_in = x
         x = self.norm(x)
@@ -151,8 +170,12 @@ class SpatialTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)
         if self.use_linear:
             x = self.proj_in(x)
-        for block in self.transformer_blocks:
-            x = block(x, context)
+        for index, block in enumerate(self.transformer_blocks):
+            patch = None
+            if attn_patch is not None:
+                def patch(attn: str, proj: str, t: torch.Tensor, index: int = index) -> torch.Tensor:
+                    return attn_patch(index, attn, proj, t, (h, w))
+            x = block(x, context, patch)
         if self.use_linear:
             x = self.proj_out(x)
         x = x.transpose(1, 2).reshape(b, -1, h, w)

@@ -46,11 +46,13 @@ from .config import ControlNetConfig
 from .errors import LoadError, UnsupportedFamilyError
 from .formats import detect
 from .formats import t2i_adapter as t2i_format
+from .formats import lllite as lllite_format
 from .formats.diffusers import diffusers_to_native, from_diffusers_config, native_to_diffusers, to_diffusers_config
 from .formats.files import (
     Header, read_header, read_json, read_state_dict, tensor_names, write_pickle, write_safetensors,
 )
 from .formats.original import add_prefix, strip_prefix
+from .lllite import ControlNetLLLite
 from .model import ControlNet
 from .t2i_adapter import AdapterConfig, T2IAdapter
 
@@ -403,10 +405,24 @@ def _arch_t2i_adapter(sd: StateDict, found: detect.Detected) -> str:
     return t2i_format.arch(sd, found.layout)
 
 
+def _load_lllite(source: Source, device: Any, dtype: torch.dtype, ops: Any, config: Any) -> ControlNetLLLite:
+    if config is not None:
+        raise LoadError(f"{source.name}: a config override is for ControlNets; an LLLite's shape is read from its file")
+    specs = lllite_format.read_modules({k: tuple(v.shape) for k, v in source.sd.items()}, source.name)
+    model = ControlNetLLLite(specs, ops=ops, device="meta", dtype=dtype)
+    return assign_weights(model, source.sd, source.name, "a ControlNet-LLLite of these module shapes")
+
+
+def _arch_lllite(sd: StateDict, found: detect.Detected) -> str:
+    lllite_format.read_modules({k: tuple(v.shape) for k, v in sd.items()}, "header")  # refuses what we cannot run
+    return ControlNetLLLite.arch
+
+
 FAMILY_LOADERS: dict[str, FamilyLoader] = {
     detect.CONTROLNET: FamilyLoader(_load_classic, _arch_classic),
     detect.T2I_ADAPTER: FamilyLoader(_load_t2i_adapter, _arch_t2i_adapter),
     detect.CONTROL_LORA: FamilyLoader(control_lora.load, control_lora.arch),
+    detect.LLLITE: FamilyLoader(_load_lllite, _arch_lllite),
 }
 
 

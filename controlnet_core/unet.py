@@ -11,7 +11,11 @@ How control is consumed, exactly as ComfyUI's `UNetModel._forward`:
     for each decoder block:  skip = skips.pop(); skip += control["output"].pop(); h = block(cat(h, skip))
 
 The lists are popped from the end, so `output[-1]` (the deepest skip) is used first; the caller
-must hand fresh lists every call (`host.unet_control` does). A dict may also carry `"sync"`: a
+must hand fresh lists every call (`host.unet_control` does). `control["attention"]` (host.py's
+attention-input patches, `{AttnSite: [fn, ...]}`) is applied inside the transformer blocks: the site
+`(("input", 4), 0, "attn1", "q")` is the input of `input_blocks.4.1.transformer_blocks.0.attn1.to_q`,
+exactly where ComfyUI calls `attn1_patch` with `block=("input", 4)`, `block_index=0`. A site this UNet
+does not have is an error, not a silent no-op. A dict may also carry `"sync"`: a
 callable run once just before the first residual is consumed, so a host-side fast path can compute
 the residuals on a side stream while the encoder runs (see `fast/`).
 """
@@ -25,8 +29,9 @@ from torch import nn
 
 from .config import ControlNetConfig
 from .errors import InputError
+from .host import ATTENTION, AttnFn, AttnSite, apply_attention
 from .layers import (
-    DEFAULT_OPS, ResBlock, SpatialTransformer, TimestepSequential, Upsample, build_encoder,
+    DEFAULT_OPS, AttnPatch, ResBlock, SpatialTransformer, TimestepSequential, Upsample, build_encoder,
     build_time_embedding, timestep_embedding,
 )
 
@@ -101,29 +106,71 @@ class UNet(nn.Module):
             emb = emb + self.label_emb(y.to(dtype))
         context = context.to(dtype)
         sync: Callable[[], None] | None = control.get("sync") if control is not None else None
+        attention = self._check_sites(control.get(ATTENTION) if control is not None else None)
 
         h = x.to(dtype)
         skips = []
-        for block in self.input_blocks:
-            h = block(h, emb, context)
+        for i, block in enumerate(self.input_blocks):
+            h = block(h, emb, context, _block_patch(attention, ("input", i)))
             h = _apply(h, control, "input")
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self.middle_block(h, emb, context, _block_patch(attention, ("middle", 0)))
         if sync is not None:
             sync()
         h = _apply(h, control, "middle")
-        for block in self.output_blocks:
+        for i, block in enumerate(self.output_blocks):
             skip = _apply(skips.pop(), control, "output")
             h = torch.cat([h, skip], dim=1)
             size = tuple(skips[-1].shape[-2:]) if skips else None
+            patch = _block_patch(attention, ("output", i))
             for layer in block:
                 if isinstance(layer, ResBlock):
                     h = layer(h, emb)
                 elif isinstance(layer, SpatialTransformer):
-                    h = layer(h, context)
+                    h = layer(h, context, patch)
                 else:  # Upsample to the next skip's size, so odd latent sizes round-trip
                     h = layer(h, size)
         return self.out(h)
+
+    def attention_sites(self) -> dict[tuple[str, int], int]:
+        """Each block with attention -> its number of transformer blocks (as ComfyUI names blocks)."""
+        out = {}
+        named = [(("input", i), b) for i, b in enumerate(self.input_blocks)]
+        named += [(("middle", 0), self.middle_block)] + [(("output", i), b) for i, b in enumerate(self.output_blocks)]
+        for name, block in named:
+            for layer in block:
+                if isinstance(layer, SpatialTransformer):
+                    out[name] = len(layer.transformer_blocks)
+        return out
+
+    def _check_sites(self, attention: dict[AttnSite, list[AttnFn]] | None) -> dict[AttnSite, list[AttnFn]] | None:
+        if not attention:
+            return None
+        sites = self.attention_sites()
+        for site in attention:
+            AttnSite(*site).check()
+            if site.index >= sites.get(tuple(site.block), 0):
+                raise InputError(
+                    f"an attention-input patch is meant for {site.block[0]} block {site.block[1]}, transformer "
+                    f"block {site.index}, which this {self.config.arch} UNet does not have; the control was made "
+                    "for another base model"
+                )
+        return attention
+
+
+def _block_patch(attention: dict[AttnSite, list[AttnFn]] | None, block: tuple[str, int]) -> AttnPatch | None:
+    """The patches of one UNet block as the `attn_patch` its transformer blocks call."""
+    if not attention:
+        return None
+    mine = {(s.index, s.attn, s.proj): fns for s, fns in attention.items() if tuple(s.block) == block}
+    if not mine:
+        return None
+
+    def patch(index: int, attn: str, proj: str, h: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        fns = mine.get((index, attn, proj))
+        return h if fns is None else apply_attention(fns, h, grid)
+
+    return patch
 
 
 def _apply(h: torch.Tensor, control: Control | None, name: str) -> torch.Tensor:

@@ -20,6 +20,15 @@ in the chain, exactly like ComfyUI's `control_merge` sums a chain.
 Traps handled here: every call returns fresh lists (the UNet pops them); per-run state (active
 sigma ranges, cached hint embeddings) is rebuilt in `pre_run` because `cleanup` is skipped when a
 run fails or is interrupted and node outputs are reused across re-queues.
+
+Attention-input patches (ControlNet-LLLite; `controlnet_core/host.py`) go through ComfyUI's own
+mechanism: `get_control` receives the `transformer_options` of this one model call, and we add an
+`attn1_patch` and an `attn2_patch` to its `patches` (in a new dict and new lists, so nothing that
+ComfyUI or another pack shares is changed). ComfyUI's `BasicTransformerBlock` calls them with the
+inputs of the projections, `(n, context_attn1, value_attn1, extra_options)` for self-attention and
+`(n, context, value)` for cross-attention; `extra_options["block"]` and `["block_index"]` name the
+site. The options die with the call, so nothing can leak into the next step or prompt, even when a
+run fails.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import torch
 
 from ..controlnet_core.control import Control, ControlSettings, ControlStack
 from ..controlnet_core.errors import ControlNetError, InputError
-from ..controlnet_core.host import COND, StepRequest
+from ..controlnet_core.host import ATTENTION, COND, AttnFn, AttnSite, StepRequest, apply_attention
 
 DEFAULT_MODE = "balanced"
 DEFAULT_RESIZE = "crop"
@@ -160,6 +169,60 @@ def merge_residuals(own: dict | None, prev: dict | None) -> dict | None:
             p = b[i] if i < len(b) else None
             out[key].append(p if x is None else x if p is None else p + x)
     return out
+
+
+class AttentionPatches:
+    """Attention-input patches in ComfyUI's `attn1_patch` / `attn2_patch` form, for one model call."""
+
+    def __init__(self, patches: dict[AttnSite, list[AttnFn]]):
+        self.patches = patches
+
+    def _site(self, extra_options: dict, attn: str, proj: str, h: torch.Tensor) -> torch.Tensor:
+        block = extra_options.get("block")  # None outside a UNet block (other model types)
+        fns = None if block is None else self.patches.get(
+            AttnSite(tuple(block), int(extra_options.get("block_index", 0)), attn, proj))
+        return h if fns is None else apply_attention(fns, h, token_grid(extra_options, h.shape[1]))
+
+    def attn1(self, q, k, v, extra_options):
+        site = self._site
+        return site(extra_options, "attn1", "q", q), site(extra_options, "attn1", "k", k), site(extra_options, "attn1", "v", v)
+
+    def attn2(self, q, k, v, extra_options):
+        return self._site(extra_options, "attn2", "q", q), k, v
+
+
+def token_grid(extra_options: dict, tokens: int) -> tuple[int, int]:
+    """The (h, w) token grid of the running block: ComfyUI's `activations_shape` (set by its
+    SpatialTransformer), else the latent size halved (rounded up) until the count fits."""
+    shape = extra_options.get("activations_shape")
+    if shape is not None and len(shape) == 4 and shape[2] * shape[3] == tokens:
+        return int(shape[2]), int(shape[3])
+    original = extra_options.get("original_shape")
+    if original is not None and len(original) == 4:
+        h, w = int(original[2]), int(original[3])
+        while h * w > tokens:
+            h, w = -(-h // 2), -(-w // 2)
+        if h * w == tokens:
+            return h, w
+    raise ControlNetError(
+        f"ComfyUI did not say which token grid its attention runs on ({tokens} tokens; no activations_shape); "
+        "this ComfyUI version is too old or too new for ControlNet-LLLite in ControlNet Core"
+    )
+
+
+def add_attention_patches(transformer_options: dict | None, patches: dict, name: str) -> None:
+    """Register `patches` for this model call only (module docstring)."""
+    if transformer_options is None:
+        raise ControlNetError(
+            f"{name!r} patches the UNet's attention, but this ComfyUI passes no transformer_options to control "
+            "objects; update ComfyUI"
+        )
+    p = AttentionPatches(patches)
+    old = transformer_options.get("patches") or {}
+    new = dict(old)
+    new["attn1_patch"] = [*old.get("attn1_patch", []), p.attn1]
+    new["attn2_patch"] = [*old.get("attn2_patch", []), p.attn2]
+    transformer_options["patches"] = new
 
 
 def model_family(model: Any) -> tuple[int | None, int | None, str]:
@@ -303,7 +366,12 @@ class CoreControlMixin:
         prev = None
         if self.previous_controlnet is not None:
             prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
-        return merge_residuals(self.cncore_residuals(x_noisy, t, cond, batched_number, transformer_options), prev)
+        own = self.cncore_residuals(x_noisy, t, cond, batched_number, transformer_options)
+        if own is not None and ATTENTION in own:
+            add_attention_patches(transformer_options, own.pop(ATTENTION), self.handle.name)
+            if not any(own[k] for k in ("input", "middle", "output")):
+                own = None
+        return merge_residuals(own, prev)
 
     def cncore_residuals(self, x_noisy, t, cond, batched_number, transformer_options=None) -> dict | None:
         stack = self._cncore_stack
@@ -328,7 +396,7 @@ class CoreControlMixin:
         timesteps = ms.timestep(t).float()
         context = cond.get("crossattn_controlnet", cond["c_crossattn"]).to(device=device, dtype=dtype)
         y = None
-        if needs_y(net):
+        if any(needs_y(c.net) for c in stack.controls):
             y = cond.get("y")
             if y is None:
                 raise InputError(

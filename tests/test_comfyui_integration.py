@@ -46,6 +46,8 @@ BROKEN = "broken_controlnet.safetensors"
 T2I = "t2iadapter_canny_sd15v2.pth"  # the name tests and the T2I example workflow use
 SDXL_T2I = "cncore_tiny_sdxl_t2i_adapter.safetensors"
 CLORA = "control_lora_rank128_v11p_sd15_canny_fp16.safetensors"  # the name the Control-LoRA workflow uses
+# SDXL workflows name models this SD1.5 fixture does not have; their own modules validate and run them
+RUN_ELSEWHERE = {"controlnet_lllite.json": "tests/test_comfyui_lllite.py"}
 OUR_NODES = ("CNCore_LoadControlNet", "CNCore_Preprocessor", "CNCore_ApplyControlNet", "CNCore_CombineControls")
 
 # Runs in ComfyUI's interpreter: random weights into ComfyUI's own classes, saved in the layouts
@@ -358,13 +360,15 @@ def test_object_info_lists_the_four_nodes(comfy):
 def test_workflows_validate_against_real_object_info(comfy):
     specs = comfy.get("/object_info")
     for ui_path in tw.UI_FILES:
+        if ui_path.name in RUN_ELSEWHERE:
+            continue
         ui, api = tw.load_pair(ui_path)
         assert tw.validate_api(api, specs) == [], ui_path.name
         assert tw.validate_ui(ui, specs) == [], ui_path.name
         assert tw.same_graph(ui, api, specs) == [], ui_path.name
 
 
-@pytest.mark.parametrize("name", [p.name for p in tw.UI_FILES])
+@pytest.mark.parametrize("name", [p.name for p in tw.UI_FILES if p.name not in RUN_ELSEWHERE])
 def test_api_workflow_runs(comfy, name):
     prompt = json.loads((tw.WORKFLOWS / "api" / name).read_text())
     for node in prompt.values():  # tiny and quick; everything else as shipped

@@ -84,7 +84,6 @@ UNSUPPORTED = {
     "Flux ControlNet (XLabs)": ["controlnet_blocks.0.weight", "double_blocks.0.img_attn.norm.key_norm.scale"],
     "Flux ControlNet (InstantX/Shakker)": ["controlnet_blocks.0.weight", "controlnet_x_embedder.weight"],
     "Flux ControlNet (MistoLine)": ["controlnet_blocks.0.linear.weight"],
-    "ControlNet-LLLite": ["lllite_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.conditioning1.0.weight"],
     "HunyuanDiT ControlNet": ["after_proj_list.18.bias", "blocks.0.attn1.q.weight"],
     "Stable Cascade ControlNet": ["backbone.0.0.weight"],
     "SparseCtrl": ["controlnet_cond_embedding.conv_in.weight", "down_blocks.0.motion_modules.0.x.weight"],

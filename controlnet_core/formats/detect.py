@@ -53,6 +53,8 @@ def _other_family(keys: set[str]) -> Detected | None:
         return Detected(OTHER, "", "a HunyuanDiT ControlNet")
     if has("lora_controlnet") or _any(keys, lambda k: k.startswith("lora_controlnet")):
         return Detected(CONTROL_LORA, "", "a Control-LoRA (Stability AI)")
+    if has("lllite_conditioning1.conv1.weight") or _any(keys, lambda k: k.startswith("lllite_dit_blocks_")):
+        return Detected(OTHER, "", "an Anima ControlNet-LLLite (DiT)")
     if _any(keys, lambda k: "lllite" in k):
         return Detected(LLLITE, "", "a ControlNet-LLLite")
     if _any(keys, lambda k: k.startswith("task_embedding") or k.startswith("control_add_embedding.")

@@ -1,0 +1,395 @@
+"""ControlNet-LLLite inside a real ComfyUI, over HTTP, on the CPU (runs only with COMFYUI_PATH).
+
+Why a stand-in model. LLLite exists for SDXL only, and ComfyUI only recognises SDXL by its exact
+shapes (model_channels 320, transformer depths [0, 0, 2, 2, 10, 10]), i.e. the full 2.6 B-parameter
+UNet (10.3 GB in fp32, as ComfyUI runs it on the CPU) plus the two text encoders (0.8 B parameters):
+more RAM than a CPU test on a shared 24 GB machine should take (estimated from the sizes, not
+attempted). So a small test pack (written into the temporary ComfyUI base, never shipped) builds a tiny
+SDXL-shaped model with ComfyUI's OWN classes (`supported_models.SDXL`, `model_base.SDXL`,
+`openaimodel.UNetModel`: SDXL's block numbering and `y`, widths 64/128/256, 1-2 transformer blocks),
+random text conditioning of SDXL's widths (2048 / pooled 1280), and `CNCoreTest_KohyaLLLite`: the
+reference, an LLLite applied the way kohya's own ComfyUI node does it (a cloned MODEL with
+`set_model_attn1_patch` / `set_model_attn2_patch`), with kohya's module math written out in
+F.conv2d / F.linear. Everything between (ComfyUI's sampler, `transformer_options`,
+`BasicTransformerBlock` calling the patches with `block` / `block_index`, our nodes) is the real
+thing. Latents are compared (SaveLatent), so no VAE is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+import test_workflows as tw
+from test_comfyui_integration import COMFYUI_PATH, COMFYUI_PYTHON, ROOT, Comfy, _error, _free_port, _ok, _write_input_image
+from test_lllite import lllite_state_dict
+
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.skipif(not COMFYUI_PATH, reason="COMFYUI_PATH is not set (a ComfyUI checkout to test in)"),
+]
+
+XL_UNET = "cncore_tiny_sdxl_unet.safetensors"
+SD15_UNET = "cncore_tiny_sd15_unet.safetensors"
+XL_CN = "cncore_tiny_sdxl_controlnet.safetensors"
+LLLITE = "cncore_tiny_controllllite_xl.safetensors"
+WIDE_LLLITE = "cncore_wide_controllllite_xl.safetensors"  # made for wider attention than the tiny UNet's
+# the tiny SDXL UNet's attention: input 4, 5 (1 transformer block, 128 wide), input 7, 8 and middle (2, 256)
+XL_BLOCKS = {"input_blocks_4": (1, 128), "input_blocks_5": (1, 128), "input_blocks_7": (2, 256),
+             "input_blocks_8": (2, 256), "middle_block": (2, 256)}
+
+MAKE_MODELS = r'''
+import math, sys, torch
+from safetensors.torch import save_file
+comfy_path, xl_path, sd15_path, cn_path = sys.argv[1:5]
+sys.path.insert(0, comfy_path)
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.ops
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+from comfy.cldm.cldm import ControlNet
+
+def randomize(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+            if p.ndim >= 2:
+                v = torch.randn(p.shape, generator=g) / math.sqrt(math.prod(p.shape[1:]))
+            elif name.endswith("weight"):
+                v = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
+            else:
+                v = 0.02 * torch.randn(p.shape, generator=g)
+            p.copy_(v)
+    return module
+
+def save(module, path):
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, path)
+
+ops = comfy.ops.disable_weight_init
+XL = dict(image_size=32, in_channels=4, model_channels=64, num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 1, 1, 2, 2],
+          channel_mult=[1, 2, 4], transformer_depth_middle=2, use_linear_in_transformer=True, context_dim=2048,
+          num_head_channels=64, use_spatial_transformer=True, legacy=False, adm_in_channels=2816, num_classes="sequential")
+save(randomize(UNetModel(out_channels=4, transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2], dtype=torch.float32,
+                         device="cpu", operations=ops, **XL), 1), xl_path)
+save(randomize(ControlNet(hint_channels=3, dtype=torch.float32, device="cpu", operations=ops, **XL), 4), cn_path)
+SD15 = dict(image_size=32, in_channels=4, model_channels=32, num_res_blocks=[2, 2, 2, 2], transformer_depth=[1] * 6 + [0, 0],
+            channel_mult=[1, 2, 2, 2], transformer_depth_middle=1, use_linear_in_transformer=False, context_dim=768,
+            num_heads=8, use_spatial_transformer=True, legacy=False, adm_in_channels=None)
+save(randomize(UNetModel(out_channels=4, transformer_depth_output=[1] * 9 + [0] * 3, dtype=torch.float32, device="cpu",
+                         operations=ops, **SD15), 2), sd15_path)
+'''
+
+TEST_PACK = r'''
+"""Test-only nodes for tests/test_comfyui_lllite.py (written into a temporary ComfyUI base)."""
+import torch
+import torch.nn.functional as F
+
+import comfy.model_detection
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.supported_models
+import comfy.utils
+import folder_paths
+
+
+class TinyModel:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"unet_name": ("STRING", {"default": ""}), "family": (["sdxl", "sd15"],)}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, unet_name, family):
+        sd = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("diffusion_models", unet_name))
+        config = comfy.model_detection.detect_unet_config(sd, "")  # ComfyUI's own reading of the shapes
+        kind = comfy.supported_models.SDXL if family == "sdxl" else comfy.supported_models.SD15
+        model_config = kind(config)
+        model_config.set_inference_dtype(torch.float32, None)
+        model = model_config.get_model(sd, "")
+        model.load_model_weights(sd, "")
+        return (comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                                 offload_device=mm.unet_offload_device()),)
+
+
+class Conditioning:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0}), "width": ("INT", {"default": 2048})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    def make(self, seed, width):
+        g = torch.Generator().manual_seed(seed)
+        extra = {"pooled_output": torch.randn(1, 1280, generator=g)} if width == 2048 else {}
+        return ([[torch.randn(1, 77, width, generator=g), extra]],)
+
+
+class KohyaLLLite:
+    """The reference: kohya's LLLiteModule math as attn1/attn2 patches on a cloned MODEL."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "lllite_name": ("STRING", {"default": ""}), "image": ("IMAGE",),
+                             "strength": ("FLOAT", {"default": 1.0}), "start_percent": ("FLOAT", {"default": 0.0}),
+                             "end_percent": ("FLOAT", {"default": 1.0})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = "testing"
+
+    def apply(self, model, lllite_name, image, strength, start_percent, end_percent):
+        sd = {k: v.float() for k, v in comfy.utils.load_torch_file(
+            folder_paths.get_full_path_or_raise("controlnet", lllite_name)).items()}
+        image = image.movedim(-1, 1) * 2.0 - 1.0  # kohya's conditioning images are in [-1, 1]
+        sampling = model.get_model_object("model_sampling")
+        sigma_hi, sigma_lo = sampling.percent_to_sigma(start_percent), sampling.percent_to_sigma(end_percent)
+
+        def cond_emb(name):
+            w = lambda k: sd[f"{name}.conditioning1.{k}.weight"]
+            b = lambda k: sd[f"{name}.conditioning1.{k}.bias"]
+            x = F.conv2d(image, w(0), b(0), stride=4)
+            if f"{name}.conditioning1.4.weight" in sd:
+                x = F.conv2d(F.relu(x), w(2), b(2), stride=4)
+                x = F.conv2d(F.relu(x), w(4), b(4), stride=2)
+            else:
+                x = F.conv2d(F.relu(x), w(2), b(2), stride=sd[f"{name}.conditioning1.2.weight"].shape[-1])
+            n, c, h, ww = x.shape
+            return x.view(n, c, h * ww).permute(0, 2, 1)
+
+        def module(name, x):
+            if f"{name}.down.0.weight" not in sd:
+                return x
+            cx = cond_emb(name).to(x)
+            cx = cx.repeat(x.shape[0] // cx.shape[0], 1, 1)
+            p = lambda part: (sd[f"{name}.{part}.0.weight"].to(x), sd[f"{name}.{part}.0.bias"].to(x))
+            cx = torch.cat([cx, F.relu(F.linear(x, *p("down")))], dim=2)
+            cx = F.relu(F.linear(cx, *p("mid")))
+            return x + F.linear(cx, *p("up")) * strength
+
+        def prefix(extra):
+            kind, i = extra["block"]
+            where = "middle_block" if kind == "middle" else f"{kind}_blocks_{i}"
+            return f"lllite_unet_{where}_1_transformer_blocks_{extra['block_index']}_"
+
+        def active(extra):
+            return sigma_lo <= float(extra["sigmas"][0]) <= sigma_hi
+
+        def attn1(q, k, v, extra):
+            if not active(extra):
+                return q, k, v
+            p = prefix(extra)
+            return module(p + "attn1_to_q", q), module(p + "attn1_to_k", k), module(p + "attn1_to_v", v)
+
+        def attn2(q, k, v, extra):
+            if not active(extra):
+                return q, k, v
+            return module(prefix(extra) + "attn2_to_q", q), k, v
+
+        m = model.clone()
+        m.set_model_attn1_patch(attn1)
+        m.set_model_attn2_patch(attn2)
+        return (m,)
+
+
+NODE_CLASS_MAPPINGS = {"CNCoreTest_TinyModel": TinyModel, "CNCoreTest_Conditioning": Conditioning,
+                       "CNCoreTest_KohyaLLLite": KohyaLLLite}
+'''
+
+
+@pytest.fixture(scope="module")
+def xl(tmp_path_factory):
+    t0 = time.time()
+    base = tmp_path_factory.mktemp("comfyui_lllite")
+    for d in ("models/diffusion_models", "models/controlnet", "input", "output", "user", "temp", "custom_nodes"):
+        (base / d).mkdir(parents=True, exist_ok=True)
+    os.symlink(ROOT, base / "custom_nodes" / "comfyui-controlnet-core", target_is_directory=True)
+    (base / "custom_nodes" / "cncore_testing_lllite").mkdir()
+    (base / "custom_nodes" / "cncore_testing_lllite" / "__init__.py").write_text(TEST_PACK)
+    _write_input_image(base / "input" / "example.png")
+    script = base / "make_models.py"
+    script.write_text(MAKE_MODELS)
+    models = base / "models"
+    subprocess.run([COMFYUI_PYTHON, str(script), COMFYUI_PATH, str(models / "diffusion_models" / XL_UNET),
+                    str(models / "diffusion_models" / SD15_UNET), str(models / "controlnet" / XL_CN)],
+                   check=True, cwd=base, timeout=600)
+    safetensors.torch.save_file(lllite_state_dict(XL_BLOCKS, e=8, m=16, seed=3, dtype=torch.float16),
+                                models / "controlnet" / LLLITE)
+    wide = {**XL_BLOCKS, "input_blocks_4": (1, 640)}
+    safetensors.torch.save_file(lllite_state_dict(wide, e=8, m=16, seed=4), models / "controlnet" / WIDE_LLLITE)
+    port = _free_port()
+    log = base / "server.log"
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(
+            [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
+             str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch", "--disable-metadata",
+             "--disable-all-custom-nodes", "--whitelist-custom-nodes", "comfyui-controlnet-core", "cncore_testing_lllite"],
+            cwd=COMFYUI_PATH, stdout=logf, stderr=subprocess.STDOUT,
+        )
+    server = Comfy(base, port, proc, log)
+    try:
+        end = time.time() + 240
+        while True:
+            try:
+                server.get("/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if proc.poll() is not None or time.time() > end:
+                    raise AssertionError(f"ComfyUI did not start; log:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        print(f"\n[lllite] fixtures + ComfyUI start: {time.time() - t0:.1f} s")
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        print(f"\n[ComfyUI log tail]\n{log.read_text()[-1500:]}")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def graph(ours: str | None = None, ref: str | None = None, *, strength: float = 1.0, start: float = 0.0,
+          end: float = 1.0, stack_cn: bool = False, builtin_cn: bool = False, family: str = "sdxl",
+          prefix: str = "x", seed: int = 7, size: int = 64) -> dict:
+    """tiny model -> [reference LLLite patch] -> [our loader + apply (+ a ControlNet in its stack)]
+    -> [ComfyUI's ControlNet apply] -> KSampler (3 steps, CFG 7) -> SaveLatent (node "9")."""
+    width = 2048 if family == "sdxl" else 768
+    p = {
+        "1": {"class_type": "CNCoreTest_TinyModel", "inputs": {"unet_name": XL_UNET if family == "sdxl" else SD15_UNET,
+                                                               "family": family}},
+        "2": {"class_type": "CNCoreTest_Conditioning", "inputs": {"seed": 1, "width": width}},
+        "3": {"class_type": "CNCoreTest_Conditioning", "inputs": {"seed": 2, "width": width}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "9": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": f"lllite/{prefix}"}},
+    }
+    model, pos, neg = ["1", 0], ["2", 0], ["3", 0]
+    sched = {"strength": strength, "start_percent": start, "end_percent": end}
+    if ref is not None:
+        p["20"] = {"class_type": "CNCoreTest_KohyaLLLite", "inputs": {"model": model, "lllite_name": ref,
+                                                                     "image": ["4", 0], **sched}}
+        model = ["20", 0]
+    if ours is not None:
+        p["10"] = {"class_type": "CNCore_LoadControlNet", "inputs": {"control_net_name": ours}}
+        inputs = {"positive": pos, "negative": neg, "control_net": ["10", 0], "image": ["4", 0], **sched,
+                  "control_mode": "balanced", "resize_mode": "crop", "interpolation": "nearest-exact"}
+        if stack_cn:
+            p["12"] = {"class_type": "CNCore_LoadControlNet", "inputs": {"control_net_name": XL_CN}}
+            p["13"] = {"class_type": "CNCore_CombineControls", "inputs": {
+                "control_net": ["12", 0], "image": ["4", 0], "strength": 0.8, "start_percent": 0.0, "end_percent": 1.0}}
+            inputs["control_stack"] = ["13", 0]
+        p["11"] = {"class_type": "CNCore_ApplyControlNet", "inputs": inputs}
+        pos, neg = ["11", 0], ["11", 1]
+    if builtin_cn:
+        p["14"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": XL_CN}}
+        p["15"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+            "positive": pos, "negative": neg, "control_net": ["14", 0], "image": ["4", 0], "strength": 0.8,
+            "start_percent": 0.0, "end_percent": 1.0}}
+        pos, neg = ["15", 0], ["15", 1]
+    p["7"] = {"class_type": "KSampler", "inputs": {
+        "model": model, "seed": seed, "steps": 3, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+        "positive": pos, "negative": neg, "latent_image": ["6", 0], "denoise": 1.0}}
+    return p
+
+
+def latent(server: Comfy, entry: dict, node: str = "9") -> torch.Tensor:
+    (f,) = entry["outputs"][node]["latents"]
+    return safetensors.torch.load_file(server.base / "output" / f["subfolder"] / f["filename"])["latent_tensor"]
+
+
+def run_latent(server: Comfy, prompt: dict) -> tuple[torch.Tensor, float]:
+    t0 = time.time()
+    entry = _ok(server.run(prompt))
+    return latent(server, entry), time.time() - t0
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+# ------------------------------------------------------------------------------------------
+
+def test_lllite_in_comfyui_equals_kohyas_patch_and_leaves_no_trace(xl):
+    plain, t_plain = run_latent(xl, graph(prefix="plain"))
+    ours, t_ours = run_latent(xl, graph(LLLITE, prefix="ours"))
+    ref, t_ref = run_latent(xl, graph(ref=LLLITE, prefix="ref"))
+    after, _ = run_latent(xl, graph(prefix="after"))  # a prompt without LLLite, after one with it
+    kw = dict(strength=0.6, start=0.2, end=0.7)
+    ours_s, _ = run_latent(xl, graph(LLLITE, prefix="ours_s", **kw))
+    ref_s, _ = run_latent(xl, graph(ref=LLLITE, prefix="ref_s", **kw))
+    print(f"\n[lllite] rel. difference ours vs kohya patch: {rel(ours, ref):.2e} (max abs "
+          f"{(ours - ref).abs().max():.2e}); strength 0.6, start 0.2, end 0.7: {rel(ours_s, ref_s):.2e}; "
+          f"effect of the control: {rel(plain, ref):.3f}; seconds per prompt: plain {t_plain:.1f}, ours {t_ours:.1f}, "
+          f"reference {t_ref:.1f}")
+    assert rel(plain, ref) > 1e-2, "the LLLite should change the result"
+    assert rel(ours, ref) <= 1e-4
+    assert rel(ours_s, ref_s) <= 1e-4 and rel(ours_s, ours) > 1e-3
+    assert torch.equal(after, plain), "a prompt after an LLLite prompt must be untouched by it"
+
+
+def test_lllite_and_a_controlnet_in_one_stack(xl):
+    ours, _ = run_latent(xl, graph(LLLITE, stack_cn=True, prefix="stack"))
+    ref, _ = run_latent(xl, graph(ref=LLLITE, builtin_cn=True, prefix="stack_ref"))
+    only_lllite, _ = run_latent(xl, graph(ref=LLLITE, prefix="stack_l"))
+    print(f"\n[lllite] LLLite + ControlNet stack vs kohya patch + ComfyUI's ControlNet: rel {rel(ours, ref):.2e}")
+    assert rel(only_lllite, ref) > 1e-2  # the ControlNet acts too
+    assert rel(ours, ref) <= 1e-4
+
+
+def test_bad_lllite_prompts_fail_with_a_sentence_and_the_next_prompt_runs(xl):
+    err = _error(xl.run(graph(WIDE_LLLITE, prefix="wide")))
+    assert "attention in input block 4 is 640 wide" in err["exception_message"], err["exception_message"]
+    err = _error(xl.run(graph(LLLITE, family="sd15", prefix="sd15")))
+    assert err["node_type"] == "CNCore_ApplyControlNet"
+    assert "made for SDXL models" in err["exception_message"] and "SD1.x" in err["exception_message"]
+    plain, _ = run_latent(xl, graph(prefix="plain2"))
+    again, _ = run_latent(xl, graph(prefix="plain3"))
+    assert torch.equal(plain, again)
+
+
+def test_the_shipped_lllite_workflow_runs_on_the_stand_in(xl):
+    """workflows/api/controlnet_lllite.json with its SDXL checkpoint, text encoders and decoder swapped
+    for the stand-ins; the LLLite part (image, preprocessor, loader, apply, sampler) as shipped."""
+    ui, prompt = tw.load_pair(tw.WORKFLOWS / "controlnet_lllite.json")
+    specs = xl.get("/object_info")
+    shipped = json.loads(json.dumps(specs))  # the real specs; the SDXL files are not in this base's folders
+    shipped["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] = tw.FILES
+    shipped["CNCore_LoadControlNet"]["input"]["required"]["control_net_name"][0] = tw.FILES
+    assert tw.validate_api(prompt, shipped) == []
+    assert tw.validate_ui(ui, shipped) == []
+    assert tw.same_graph(ui, prompt, shipped) == []
+    for nid, node in list(prompt.items()):
+        ct, inputs = node["class_type"], node["inputs"]
+        if ct == "CheckpointLoaderSimple":
+            prompt[nid] = {"class_type": "CNCoreTest_TinyModel", "inputs": {"unet_name": XL_UNET, "family": "sdxl"}}
+        elif ct == "CLIPTextEncode":
+            prompt[nid] = {"class_type": "CNCoreTest_Conditioning", "inputs": {"seed": len(inputs["text"]), "width": 2048}}
+        elif ct == "CNCore_LoadControlNet":
+            inputs["control_net_name"] = LLLITE
+        elif ct == "EmptyLatentImage":
+            inputs.update(width=64, height=64)
+        elif ct == "KSampler":
+            inputs["steps"] = 3
+        elif ct == "CNCore_Preprocessor":
+            inputs["resolution"] = 64
+        elif ct == "VAEDecode":
+            prompt[nid] = {"class_type": "SaveLatent", "inputs": {"samples": inputs["samples"], "filename_prefix": "wf"}}
+    for nid in [n for n, node in prompt.items() if node["class_type"] == "SaveImage"]:
+        del prompt[nid]
+    assert tw.validate_api(prompt, specs) == []  # the stand-in graph, against the real lists
+    entry = _ok(xl.run(prompt))
+    assert any("latents" in out for out in entry["outputs"].values())
