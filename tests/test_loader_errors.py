@@ -79,10 +79,6 @@ UNSUPPORTED = {
     "T2I-Adapter (light)": ["body.0.in_conv.weight", "body.0.body.0.block1.weight"],
     "T2I-Adapter (style)": ["style_embedding", "transformer_layes.0.attn.in_proj_weight", "ln_post.weight"],
     "Control-LoRA": ["lora_controlnet", "input_blocks.1.0.in_layers.2.up", "zero_convs.0.0.weight"],
-    "ControlNet Union / ProMax": [
-        "controlnet_cond_embedding.conv_in.weight", "task_embedding", "control_add_embedding.linear_1.bias",
-        "transformer_layes.0.attn.in_proj_weight",
-    ],
     "SD3 / SD3.5 ControlNet": ["controlnet_blocks.0.weight", "pos_embed_input.proj.weight"],
     "Flux ControlNet (XLabs)": ["controlnet_blocks.0.weight", "double_blocks.0.img_attn.norm.key_norm.scale"],
     "Flux ControlNet (InstantX/Shakker)": ["controlnet_blocks.0.weight", "controlnet_x_embedder.weight"],
