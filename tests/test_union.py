@@ -478,3 +478,41 @@ def test_comfyuis_set_union_type_node_on_our_object_is_honoured(files):
     out = c.get_control(x, t, cond, 2, {"cond_or_uncond": [0, 1]})
     ref = run_diffusers(files["dm"], seen[0], [h], [1], [1.0])
     assert worst([g[:1] for g in (*out["output"], out["middle"][0])], ref)[0] <= TOL
+
+
+# ------------------------------------------------------------------------------------------
+# full size
+
+@pytest.mark.slow
+def test_full_size_sdxl_promax_at_8x8_latent():
+    """The real ProMax shape (1.26 B parameters: SDXL widths, 10-deep transformers, 320-wide tokens,
+    2816-wide y, 256-wide type sinusoids), random weights, loaded from diffusers' key names without a
+    config.json (so the SDXL 64-wide-heads rule is exercised); a fused pass of two types (the single-type
+    path is the same code with one part, checked at tiny widths above)."""
+    torch.manual_seed(0)
+    dm = diffusers.ControlNetUnionModel(
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), block_out_channels=(320, 640, 1280),
+        layers_per_block=2, cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816, conditioning_embedding_out_channels=(16, 32, 96, 256), num_control_type=8,
+    )
+    with torch.no_grad():  # diffusers zero-initialises these: re-draw them, or every residual is 0
+        for mod in [*dm.controlnet_down_blocks, dm.controlnet_mid_block, dm.spatial_ch_projs, dm.controlnet_cond_embedding.conv_out]:
+            mod.weight.normal_(0.0, 0.02)
+            mod.bias.normal_(0.0, 0.02)
+    dm.eval()
+    ours = load_controlnet(dict(dm.state_dict()), name="promax-full")  # same dtype: the tensors are shared
+    assert isinstance(ours, UnionControlNet) and ours.num_types == 8 and ours.config.head_dim == 64
+    g = torch.Generator().manual_seed(1)
+    x, t, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500.0]), torch.randn(1, 6, 2048, generator=g)
+    text, time_ids = torch.randn(1, 1280, generator=g), torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]])
+    y = torch.cat([text, timestep_embedding(time_ids.flatten(), 256).reshape(1, -1)], 1)
+    h1, h2 = (torch.rand(1, 3, 64, 64, generator=g) for _ in range(2))
+    inp = Inp(x, t, ctx, text, time_ids)
+    types, scales, hs = [6, 3], [0.7, 1.3], [h1, h2]  # tile (ProMax only) + canny, one pass
+    models = [ours.select_type(k) for k in types]
+    with torch.no_grad():
+        out = ours.run_types(x, t, ctx, y, [(k, m.embed_hint(h), s) for k, m, h, s in zip(types, models, hs, scales)])
+    rel, abs_ = worst([*out["output"], out["middle"][0]], run_diffusers(dm, inp, hs, types, scales))
+    print(f"\n[union parity] full-size ProMax, types {types}: rel {rel:.2e}, max abs {abs_:.2e}")
+    assert rel <= TOL
