@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 
+import diffusers  # the `test` extra (>= 0.32: ControlNetUnionModel)
 import numpy as np
 import pytest
 import torch
@@ -26,8 +27,6 @@ from comfyui_controlnet_core.controlnet_core.host import StepRequest
 from comfyui_controlnet_core.controlnet_core.layers import timestep_embedding
 from comfyui_controlnet_core.controlnet_core.union import CONTROL_TYPES, UnionControlNet, type_index
 from helpers_models import _randomize_, make_tiny_config, random_controlnet, rel_err
-
-diffusers = pytest.importorskip("diffusers")  # the `test` extra; >= 0.32 has ControlNetUnionModel
 
 TOL = 1e-4
 ADD = 8  # addition_time_embed_dim of the tiny config (256 in SDXL)
