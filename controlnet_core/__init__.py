@@ -14,11 +14,12 @@ from .host import StepRequest
 from .loader import ModelInfo, infer_config, inspect_controlnet, load_controlnet, save_controlnet
 from .model import ControlNet
 from .t2i_adapter import AdapterConfig, T2IAdapter
+from .union import CONTROL_TYPES, UnionControlNet  # also registers the Union family's loader
 
 __all__ = [
     "PRESETS", "SD15", "SD21", "SDXL", "ControlNetConfig",
     "Control", "ControlModel", "ControlSettings", "ControlStack", "StepRequest",
     "ControlNetError", "InputError", "LoadError", "UnsupportedFamilyError",
-    "ControlNet", "AdapterConfig", "T2IAdapter",
+    "ControlNet", "AdapterConfig", "T2IAdapter", "UnionControlNet", "CONTROL_TYPES",
     "ModelInfo", "load_controlnet", "inspect_controlnet", "save_controlnet", "infer_config",
 ]

@@ -37,6 +37,17 @@ Several controls add up: `ControlStack([a, b]).residuals(r)` is the sum of each 
 (ComfyUI's `control_merge`), and a control chained with `previous` (ComfyUI's
 `set_previous_controlnet`) is the stack of its chain. Attention patches of a stack are applied one
 after the other at their site, oldest control first (host.py).
+
+Fused passes. Some families take several hints in one network pass (a ControlNet Union with
+several control types, as it was trained). On each model call, the active controls of a stack
+whose models share a `fusion_key` (`ControlModel`) and that agree on everything applied after the
+network (rules 2-5: `apply_to`, `global_pool`, the weights, and the mask: the same tensor or equal
+values) are evaluated in ONE call of the model's `fused_outputs`; the result is pooled, weighted and
+masked once, like one control's. Strength and start/end may differ: the gate (rule 1) is applied
+per call, so a control outside its window is simply not part of that call's pass, and each
+control's strength goes into the pass (the model applies it; the fused outputs are not scaled by
+strength again). Controls that differ in rules 2-5 cannot share one output, so they run
+separately; a group of one is an ordinary control.
 """
 
 from __future__ import annotations
@@ -106,6 +117,11 @@ class ControlModel(Protocol):
     used instead of `SOFT_BASE ** (n-1-i)`; `supports_global_pool` (default True): False where
     global average pooling has no meaning (a T2I-Adapter), so asking for it is an error, not
     silently done or skipped.
+    `fusion_key` + `fused_outputs(x, timesteps, context, y, parts)`: models with equal non-None
+    `fusion_key`s (the control types of one Union network) evaluate several controls in one pass
+    (see "Fused passes" above); `parts` is [(model, embedding, strength)] in stack order and the
+    outputs come back unscaled by strength, the model having applied each control's own;
+    `select_type(control_type)` (with `control_types`): the model of one control type (Union).
     """
 
     family: str
@@ -328,40 +344,11 @@ class Control:
     def own_residuals(self, request: StepRequest) -> Outputs | None:
         """This control alone (not its chain): its scaled outputs per UNet slot for the whole
         batch, or None when it does not act on this call."""
-        s = self.settings
         if not self.is_active(float(request.sigma[0])):
             return None
-        x = request.x
-        batch, chunks = x.shape[0], len(request.cond_or_uncond)
-        rows = None
-        if s.apply_to == "cond-only":
-            rows = request.rows(COND)
-            if len(rows) == 0:  # an uncond-only call: nothing to add
-                return None
-            if len(rows) == batch:
-                rows = None
-        emb = map_tensors(lambda e: tile_to_batch(e, batch, chunks), self.hint_embedding(x.shape[-2], x.shape[-1], x.device))
-        t, context, y = request.timesteps, request.context, request.y
-        if rows is not None:
-            x, t = x[rows], t[rows]
-            emb = map_tensors(lambda e: _take(e, rows, batch), emb)
-            context = _take(context, rows, batch)
-            y = None if y is None else _take(y, rows, batch)
-        raw = self.net.control_outputs(x, t, context, y, emb)
-        scales = iter(self.weights)
-        out: Outputs = {}
-        for slot in SLOTS:
-            out[slot] = [None if r is None else self._finish(r, next(scales), rows, batch, chunks)
-                         for r in raw.get(slot, [])]
-        block_weight: dict[tuple, float] = {}  # attention patches: one weight per UNet block
-        out[ATTENTION] = []
-        for site, fn in raw.get(ATTENTION, []):
-            if tuple(site.block) not in block_weight:
-                block_weight[tuple(site.block)] = next(scales)
-            out[ATTENTION].append((site, self._attention_term(fn, block_weight[tuple(site.block)], rows, batch, chunks)))
-        return out
+        return _group_outputs([self], request)
 
-    def _attention_term(self, fn: AttnFn, weight: float, rows: torch.Tensor | None, batch: int, chunks: int) -> AttnFn:
+    def _attention_term(self, fn: AttnFn, scale: float, rows: torch.Tensor | None, batch: int, chunks: int) -> AttnFn:
         """`fn` with this control's rows, pooling, scale and mask, for the host to call."""
         s = self.settings
 
@@ -374,7 +361,7 @@ class Control:
             d = fn(h if rows is None else h[rows], grid)
             if s.global_pool:
                 d = d.mean(dim=1, keepdim=True).expand_as(d)
-            d = d * (s.strength * weight)
+            d = d * scale
             if rows is not None:
                 full = d.new_zeros((batch, *d.shape[1:]))
                 full[rows] = d
@@ -385,13 +372,13 @@ class Control:
 
         return term
 
-    def _finish(self, r: torch.Tensor, weight: float, rows: torch.Tensor | None, batch: int, chunks: int) -> torch.Tensor:
+    def _finish(self, r: torch.Tensor, scale: float, rows: torch.Tensor | None, batch: int, chunks: int) -> torch.Tensor:
         s = self.settings
         if s.global_pool:
             r = r.mean(dim=(2, 3), keepdim=True).expand_as(r)
         if r.shape[0] not in (1, batch if rows is None else len(rows)):
             raise InputError(f"a {self.net.family} output has batch {r.shape[0]}, not {batch}")
-        r = r * (s.strength * weight)
+        r = r * scale
         if r.shape[0] == 1 and (batch > 1 or rows is not None):  # step-independent outputs of one hint
             r = r.expand(batch if rows is None else len(rows), *r.shape[1:])
         if rows is not None:
@@ -457,15 +444,106 @@ class ControlStack:
         fast = stack_residuals(self, request)  # CUDA fast path (fast/); NotImplemented: plain path
         if fast is not NotImplemented:
             return fast
+        sigma = float(request.sigma[0])
         total: Outputs | None = None
-        for c in self.controls:
-            out = c.own_residuals(request)
+        for group in fusion_groups([c for c in self.controls if c.is_active(sigma)]):
+            out = _group_outputs(group, request)
             if out is None:
                 continue
             total = out if total is None else add_outputs(total, out)
         if total is None:
             return None
         return control_dict(total)
+
+
+def fusion_groups(controls: Sequence[Control]) -> list[list[Control]]:
+    """The controls split into the groups that run as one pass each (see "Fused passes"), in stack
+    order: each control joins the first group it can be fused with."""
+    groups: list[list[Control]] = []
+    for c in controls:
+        for g in groups:
+            if _fusable(g[0], c):
+                g.append(c)
+                break
+        else:
+            groups.append([c])
+    return groups
+
+
+def _fusable(a: Control, b: Control) -> bool:
+    ka, kb = getattr(a.net, "fusion_key", None), getattr(b.net, "fusion_key", None)
+    if ka is None or kb is None or not (ka is kb or ka == kb):
+        return False
+    sa, sb = a.settings, b.settings
+    return (sa.apply_to == sb.apply_to and sa.global_pool == sb.global_pool and a.weights == b.weights
+            and _same_mask(a.mask, b.mask))
+
+
+def _same_mask(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a is b or (a.shape == b.shape and torch.equal(a, b))
+
+
+def _group_outputs(group: Sequence[Control], request: StepRequest) -> Outputs | None:
+    """The scaled outputs per UNet slot of one group of active controls (one control, or several
+    fused into one pass: `fusion_groups`), or None when they do not act on this call. Rules 2-5 are
+    the first control's (the group agrees on them)."""
+    lead = group[0]
+    x = request.x
+    batch, chunks = x.shape[0], len(request.cond_or_uncond)
+    rows = None
+    if lead.settings.apply_to == "cond-only":
+        rows = request.rows(COND)
+        if len(rows) == 0:  # an uncond-only call: nothing to add
+            return None
+        if len(rows) == batch:
+            rows = None
+    embs = []
+    for c in group:
+        emb = map_tensors(lambda e: tile_to_batch(e, batch, chunks), c.hint_embedding(x.shape[-2], x.shape[-1], x.device))
+        if rows is not None:
+            emb = map_tensors(lambda e: _take(e, rows, batch), emb)
+        embs.append(emb)
+    t, context, y = request.timesteps, request.context, request.y
+    if rows is not None:
+        x, t = x[rows], t[rows]
+        context = _take(context, rows, batch)
+        y = None if y is None else _take(y, rows, batch)
+    if len(group) == 1:
+        raw = lead.net.control_outputs(x, t, context, y, embs[0])
+        strength = lead.settings.strength
+    else:  # one pass; the model applies each control's strength
+        raw = lead.net.fused_outputs(x, t, context, y, [(c.net, e, c.settings.strength) for c, e in zip(group, embs)])
+        strength = 1.0
+    scales = iter(lead.weights)
+    out: Outputs = {}
+    for slot in SLOTS:
+        out[slot] = [None if r is None else lead._finish(r, strength * next(scales), rows, batch, chunks)
+                     for r in raw.get(slot, [])]
+    block_weight: dict[tuple, float] = {}  # attention patches: one weight per UNet block
+    out[ATTENTION] = []
+    for site, fn in raw.get(ATTENTION, []):
+        if tuple(site.block) not in block_weight:
+            block_weight[tuple(site.block)] = next(scales)
+        out[ATTENTION].append((site, lead._attention_term(fn, strength * block_weight[tuple(site.block)], rows, batch, chunks)))
+    return out
+
+
+def with_control_type(net: ControlModel, control_type: str | int | None, name: str | None = None) -> ControlModel:
+    """The model to run for a control type: `net` itself for "auto" (or None); else the model of
+    that type (`select_type`, ControlNet Union). A type for a model that has none is an error: the
+    choice would silently do nothing."""
+    if control_type is None or (isinstance(control_type, str) and control_type.strip().lower() == "auto"):
+        return net
+    select = getattr(net, "select_type", None)
+    if select is None:
+        what = f"{name!r} is a {net.family}" if name else f"this model is a {net.family}"
+        raise InputError(
+            f"control type {control_type!r} is only for ControlNet Union / ProMax models, but {what}, which "
+            "takes one kind of hint; set control_type to 'auto'"
+        )
+    return select(control_type)
 
 
 def add_outputs(a: Outputs, b: Outputs) -> Outputs:

@@ -371,17 +371,25 @@ def _native_controlnet_sd(source: Source) -> StateDict:
     return source.sd
 
 
+def controlnet_config(source: Source, sd: StateDict, config: ControlNetConfig | None = None) -> ControlNetConfig:
+    """The ControlNet config of `sd` (native key names): `config` when given, else inferred from the
+    shapes, heads and groups taken from a diffusers config.json or our saved metadata. Also for
+    family loaders built on the classic ControlNet (Union)."""
+    if config is not None:
+        return config
+    name = source.name
+    cfg = infer_config(sd, name=name)
+    if source.config_json is not None:
+        cfg = _take_unseen(cfg, from_diffusers_config(source.config_json, name), "config.json", name)
+    meta_cfg = _config_from_metadata(source.meta, name)
+    if meta_cfg is not None:  # our own files: exact, so it goes last
+        cfg = _take_unseen(cfg, meta_cfg, "its saved config", name)
+    return cfg
+
+
 def _load_classic(source: Source, device: Any, dtype: torch.dtype, ops: Any, config: ControlNetConfig | None) -> ControlNet:
     name, sd = source.name, _native_controlnet_sd(source)
-    if config is not None:
-        cfg = config
-    else:
-        cfg = infer_config(sd, name=name)
-        if source.config_json is not None:
-            cfg = _take_unseen(cfg, from_diffusers_config(source.config_json, name), "config.json", name)
-        meta_cfg = _config_from_metadata(source.meta, name)
-        if meta_cfg is not None:  # our own files: exact, so it goes last
-            cfg = _take_unseen(cfg, meta_cfg, "its saved config", name)
+    cfg = controlnet_config(source, sd, config)
     model = ControlNet(cfg, ops=ops, device="meta", dtype=dtype)
     return assign_weights(model, sd, name, f"a {cfg.arch} ControlNet")
 

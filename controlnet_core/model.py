@@ -189,6 +189,11 @@ class ControlNet(nn.Module):
             raise InputError(
                 f"hint embedding is {tuple(guided.shape[2:])} but the latent is {tuple(x.shape[2:])}"
             )
+        return self.encode(x, guided, emb, context)
+
+    def encode(self, x: torch.Tensor, guided: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> Residuals:
+        """The trainable encoder copy on latent `x`, the hint features `guided` added after the stem
+        conv, with time embedding `emb` (families that add their own term to it call this)."""
         h = x.to(self.dtype)
         down = []
         for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):

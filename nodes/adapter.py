@@ -27,11 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..controlnet_core.control import ControlSettings, default_global_pool
+from ..controlnet_core.control import ControlSettings, default_global_pool, with_control_type
 from ..controlnet_core.errors import ControlNetError, InputError, LoadError, UnsupportedFamilyError
 from ..controlnet_core.hint import to_bchw
 from ..controlnet_core.loader import load_controlnet
 from .control_object import (
+    DEFAULT_CONTROL_TYPE,
     DEFAULT_INTERPOLATION,
     DEFAULT_MODE,
     DEFAULT_RESIZE,
@@ -187,7 +188,7 @@ def _handle_for(control_net: Any) -> NetHandle:
         raise InputError(
             f"this ControlNet ({type(control_net).__name__}) was loaded by another node and only the default "
             "options work with it (control mode 'balanced', resize 'crop', interpolation 'nearest-exact', no "
-            "mask, no stack); load it with 'Load ControlNet (CNCore)' to use them"
+            "mask, no stack, control_type 'auto'); load it with 'Load ControlNet (CNCore)' to use them"
         )
     model, dtype, load_device = found
     if model in _converted:
@@ -244,15 +245,20 @@ def _bind(entry: StackEntry) -> BoundEntry:
     if not isinstance(entry, StackEntry):
         raise InputError("control_stack must come from a Combine ControlNets (CNCore) node")
     handle = _handle_for(entry.control_net)
+    control_type = entry.control_type
+    if control_type == DEFAULT_CONTROL_TYPE and is_core_control(entry.control_net):
+        control_type = entry.control_net.cncore_type()  # e.g. set by ComfyUI's SetUnionControlNetType
     return BoundEntry(handle, to_bchw(entry.image, handle.net.hint_channels),
                       float(entry.strength), float(entry.start_percent), float(entry.end_percent),
-                      normalize_mask(entry.mask), bool(getattr(entry.control_net, "global_average_pooling", False)))
+                      normalize_mask(entry.mask), bool(getattr(entry.control_net, "global_average_pooling", False)),
+                      control_type)
 
 
 def apply_control(
     positive: Any, negative: Any, control_net: Any, image: torch.Tensor, strength: float, start_percent: float,
     end_percent: float, control_mode: str = DEFAULT_MODE, resize_mode: str = DEFAULT_RESIZE,
     interpolation: str = DEFAULT_INTERPOLATION, vae: Any = None, mask: Any = None, control_stack: Any = None,
+    control_type: str = DEFAULT_CONTROL_TYPE,
 ) -> tuple[Any, Any]:
     """Attach the control (and a stack) to every conditioning of positive and negative.
 
@@ -270,7 +276,8 @@ def apply_control(
         return positive, negative
     mask = normalize_mask(mask)
     ours = is_core_control(control_net)
-    plain = (control_mode, resize_mode, interpolation) == (DEFAULT_MODE, DEFAULT_RESIZE, DEFAULT_INTERPOLATION)
+    plain = (control_mode, resize_mode, interpolation, control_type) == (
+        DEFAULT_MODE, DEFAULT_RESIZE, DEFAULT_INTERPOLATION, DEFAULT_CONTROL_TYPE)
     hint = image.movedim(-1, 1)
 
     if not ours and plain and mask is None and not entries:
@@ -285,6 +292,7 @@ def apply_control(
             c = template.copy().set_cond_hint(hint, strength, (start_percent, end_percent), vae=vae)
             c.cncore_mode, c.cncore_resize, c.cncore_interpolation = control_mode, resize_mode, interpolation
             c.cncore_mask = mask
+            c.cncore_control_type = control_type
             c.cncore_entries = list(bound)
             return c
 
@@ -312,7 +320,7 @@ def apply_control(
 
 
 def stack_entry(control_net: Any, image: Any, strength: float, start_percent: float, end_percent: float,
-                mask: Any = None) -> StackEntry:
+                mask: Any = None, control_type: str = DEFAULT_CONTROL_TYPE) -> StackEntry:
     """A validated CONTROL_STACK entry (the checks that need no ComfyUI run here, the rest at apply)."""
     if control_net is None:
         raise InputError("connect a ControlNet (from a Load ControlNet node) to control_net")
@@ -320,7 +328,11 @@ def stack_entry(control_net: Any, image: Any, strength: float, start_percent: fl
     to_bchw(image, channels)
     mask = normalize_mask(mask)
     ControlSettings(strength=strength, start_percent=start_percent, end_percent=end_percent)
-    return StackEntry(control_net, image, float(strength), float(start_percent), float(end_percent), mask)
+    if is_core_control(control_net):  # a type the model does not take is refused here, at the Combine node
+        given = control_type if control_type != DEFAULT_CONTROL_TYPE else control_net.cncore_type()
+        with_control_type(control_net.handle.net, given, control_net.handle.name)
+    return StackEntry(control_net, image, float(strength), float(start_percent), float(end_percent), mask,
+                      control_type)
 
 
 __all__ = [

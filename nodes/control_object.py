@@ -39,13 +39,14 @@ from typing import Any
 
 import torch
 
-from ..controlnet_core.control import Control, ControlSettings, ControlStack
+from ..controlnet_core.control import Control, ControlSettings, ControlStack, with_control_type
 from ..controlnet_core.errors import ControlNetError, InputError
 from ..controlnet_core.host import ATTENTION, COND, AttnFn, AttnSite, StepRequest, apply_attention
 
 DEFAULT_MODE = "balanced"
 DEFAULT_RESIZE = "crop"
 DEFAULT_INTERPOLATION = "nearest-exact"
+DEFAULT_CONTROL_TYPE = "auto"
 
 FAMILY = {"sd15": "SD1.x", "sd21": "SD2.x", "sdxl": "SDXL"}
 ARCH_OF_WIDTH = {768: "sd15", 1024: "sd21", 2048: "sdxl"}  # text-conditioning width -> base model
@@ -113,6 +114,7 @@ class StackEntry:
     start_percent: float = 0.0
     end_percent: float = 1.0
     mask: torch.Tensor | None = None
+    control_type: str = DEFAULT_CONTROL_TYPE
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,7 @@ class BoundEntry:
     end_percent: float
     mask: torch.Tensor | None
     global_pool: bool = False  # its own control object's `global_average_pooling` (shuffle files)
+    control_type: str = DEFAULT_CONTROL_TYPE
 
 
 def normalize_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -287,6 +290,7 @@ class CoreControlMixin:
         self.cncore_resize = DEFAULT_RESIZE
         self.cncore_interpolation = DEFAULT_INTERPOLATION
         self.cncore_mask: torch.Tensor | None = None
+        self.cncore_control_type = DEFAULT_CONTROL_TYPE
         self.cncore_entries: list[BoundEntry] = []
         self._cncore_stack: ControlStack | None = None
         self._cncore_sampling: Any = None
@@ -320,16 +324,26 @@ class CoreControlMixin:
             )
         start, end = self.timestep_percent_range
         if self.strength != 0:
+            net = with_control_type(self.handle.net, self.cncore_type(), self.handle.name)
             controls.append(
-                Control(self.handle.net, self.cond_hint_original, self.cncore_settings(self.strength, start, end),
+                Control(net, self.cond_hint_original, self.cncore_settings(self.strength, start, end),
                         mask=self.cncore_mask)
             )
         for e in self.cncore_entries:
+            net = with_control_type(e.handle.net, e.control_type, e.handle.name)
             controls.append(
-                Control(e.handle.net, e.hint,
+                Control(net, e.hint,
                         self.cncore_settings(e.strength, e.start_percent, e.end_percent, e.global_pool), mask=e.mask)
             )
         return ControlStack(controls)
+
+    def cncore_type(self) -> str | int:
+        """This control's Union type: the node's control_type, else the one ComfyUI's
+        SetUnionControlNetType node stored (`extra_args["control_type"] = [n]`; [] is auto)."""
+        if self.cncore_control_type != DEFAULT_CONTROL_TYPE:
+            return self.cncore_control_type
+        types = (getattr(self, "extra_args", None) or {}).get("control_type") or []
+        return int(types[0]) if types else DEFAULT_CONTROL_TYPE
 
     def cncore_handles(self) -> list[NetHandle]:
         out: list[NetHandle] = []
@@ -416,6 +430,7 @@ class CoreControlMixin:
         c.cncore_resize = self.cncore_resize
         c.cncore_interpolation = self.cncore_interpolation
         c.cncore_mask = self.cncore_mask
+        c.cncore_control_type = self.cncore_control_type
         c.cncore_entries = list(self.cncore_entries)
         return c
 

@@ -9,8 +9,9 @@ import torch
 
 from ..controlnet_core.control import MAX_STRENGTH, MODES
 from ..controlnet_core.hint import INTERPOLATIONS, RESIZE_MODES
+from ..controlnet_core.union import AUTO, CONTROL_TYPES
 from . import adapter
-from .control_object import DEFAULT_INTERPOLATION, DEFAULT_MODE, DEFAULT_RESIZE
+from .control_object import DEFAULT_CONTROL_TYPE, DEFAULT_INTERPOLATION, DEFAULT_MODE, DEFAULT_RESIZE
 
 CATEGORY = "conditioning/controlnet"
 CONTROL_NET = "CONTROL_NET"
@@ -24,6 +25,17 @@ TIP_MASK = (
     "Optional region: the control acts only where the mask is white (softly in between). "
     "Same size (or aspect ratio) as the generated image."
 )
+
+
+TIP_CONTROL_TYPE = (
+    "ControlNet Union / ProMax only: what the hint image is (ComfyUI's SetUnionControlNetType names). 'auto' = no "
+    "type (ComfyUI's plain hint path). Entries of the same Union model with different types in one stack run as "
+    "ONE pass. tile and repaint need ProMax. Leave 'auto' for other ControlNets."
+)
+
+
+def _control_type() -> tuple:
+    return ([AUTO, *CONTROL_TYPES], {"default": DEFAULT_CONTROL_TYPE, "tooltip": TIP_CONTROL_TYPE})
 
 
 def _strength() -> tuple:
@@ -171,6 +183,7 @@ class ApplyControlNet:
                 "control_stack": (CONTROL_STACK, {
                     "tooltip": "More controls from Combine ControlNets (CNCore), applied together with this one; "
                                "the modes above apply to all of them."}),
+                "control_type": _control_type(),
             },
         }
 
@@ -182,11 +195,11 @@ class ApplyControlNet:
 
     def apply(self, positive, negative, control_net, image, strength, start_percent, end_percent,
               control_mode=DEFAULT_MODE, resize_mode=DEFAULT_RESIZE, interpolation=DEFAULT_INTERPOLATION,
-              vae=None, mask=None, control_stack=None):
+              vae=None, mask=None, control_stack=None, control_type=DEFAULT_CONTROL_TYPE):
         return adapter.apply_control(
             positive, negative, control_net, image, strength, start_percent, end_percent,
             control_mode=control_mode, resize_mode=resize_mode, interpolation=interpolation,
-            vae=vae, mask=mask, control_stack=control_stack,
+            vae=vae, mask=mask, control_stack=control_stack, control_type=control_type,
         )
 
 
@@ -212,6 +225,7 @@ class CombineControls:
             "optional": {
                 "mask": ("MASK", {"tooltip": TIP_MASK}),
                 "control_stack": (CONTROL_STACK, {"tooltip": "Controls gathered so far (from another Combine node)."}),
+                "control_type": _control_type(),
             },
         }
 
@@ -221,8 +235,9 @@ class CombineControls:
     FUNCTION = "combine"
     CATEGORY = CATEGORY
 
-    def combine(self, control_net, image, strength, start_percent, end_percent, mask=None, control_stack=None):
-        entry = adapter.stack_entry(control_net, image, strength, start_percent, end_percent, mask)
+    def combine(self, control_net, image, strength, start_percent, end_percent, mask=None, control_stack=None,
+                control_type=DEFAULT_CONTROL_TYPE):
+        entry = adapter.stack_entry(control_net, image, strength, start_percent, end_percent, mask, control_type)
         return (tuple(control_stack or ()) + (entry,),)
 
 

@@ -46,8 +46,6 @@ BROKEN = "broken_controlnet.safetensors"
 T2I = "t2iadapter_canny_sd15v2.pth"  # the name tests and the T2I example workflow use
 SDXL_T2I = "cncore_tiny_sdxl_t2i_adapter.safetensors"
 CLORA = "control_lora_rank128_v11p_sd15_canny_fp16.safetensors"  # the name the Control-LoRA workflow uses
-# SDXL workflows name models this SD1.5 fixture does not have; their own modules validate and run them
-RUN_ELSEWHERE = {"controlnet_lllite.json": "tests/test_comfyui_lllite.py"}
 OUR_NODES = ("CNCore_LoadControlNet", "CNCore_Preprocessor", "CNCore_ApplyControlNet", "CNCore_CombineControls")
 
 # Runs in ComfyUI's interpreter: random weights into ComfyUI's own classes, saved in the layouts
@@ -245,11 +243,17 @@ def comfy(tmp_path_factory):
     subprocess.run([COMFYUI_PYTHON, str(base / "make_t2i.py"), COMFYUI_PATH, str(cn_dir / T2I), str(cn_dir / SDXL_T2I)],
                    check=True, cwd=base, timeout=300)
     (cn_dir / BROKEN).write_bytes(b"\x00\x01not a safetensors file" * 10)
+    yield from serve(base)
+
+
+def serve(base: Path, *flags: str):
+    """Start ComfyUI headless on the CPU on `base` (with extra command-line `flags`), yield a `Comfy`
+    client once it answers, stop it and delete `base` afterwards."""
     port = _free_port()
     log = base / "server.log"
     with open(log, "wb") as logf:
         proc = subprocess.Popen(
-            [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+            [COMFYUI_PYTHON, "main.py", "--cpu", *flags, "--listen", "127.0.0.1", "--port", str(port),
              "--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
              "--disable-metadata"],
             cwd=COMFYUI_PATH, stdout=logf, stderr=subprocess.STDOUT,
@@ -351,24 +355,32 @@ def test_object_info_lists_the_four_nodes(comfy):
     assert apply["input_order"]["required"] == [
         "positive", "negative", "control_net", "image", "strength", "start_percent", "end_percent",
         "control_mode", "resize_mode", "interpolation"]
-    assert apply["input_order"]["optional"] == ["vae", "mask", "control_stack"]
+    assert apply["input_order"]["optional"] == ["vae", "mask", "control_stack", "control_type"]
     assert apply["output"] == ["CONDITIONING", "CONDITIONING"]
     assert info["CNCore_LoadControlNet"]["output"] == ["CONTROL_NET"] == info["ControlNetLoader"]["output"]
     assert "canny" in info["CNCore_Preprocessor"]["input"]["required"]["method"][0]
 
 
+def workflows_for(ckpt: str) -> list[Path]:
+    """The shipped workflows whose API twin loads the checkpoint `ckpt` (each server has one family's
+    model files; the SDXL workflows run in tests/test_comfyui_union.py)."""
+    return [p for p in tw.UI_FILES
+            if any(n["inputs"].get("ckpt_name") == ckpt for n in tw.load_pair(p)[1].values())]
+
+
+SD15_WORKFLOWS = workflows_for(CKPT)
+
+
 def test_workflows_validate_against_real_object_info(comfy):
     specs = comfy.get("/object_info")
-    for ui_path in tw.UI_FILES:
-        if ui_path.name in RUN_ELSEWHERE:
-            continue
+    for ui_path in SD15_WORKFLOWS:
         ui, api = tw.load_pair(ui_path)
         assert tw.validate_api(api, specs) == [], ui_path.name
         assert tw.validate_ui(ui, specs) == [], ui_path.name
         assert tw.same_graph(ui, api, specs) == [], ui_path.name
 
 
-@pytest.mark.parametrize("name", [p.name for p in tw.UI_FILES if p.name not in RUN_ELSEWHERE])
+@pytest.mark.parametrize("name", [p.name for p in SD15_WORKFLOWS])
 def test_api_workflow_runs(comfy, name):
     prompt = json.loads((tw.WORKFLOWS / "api" / name).read_text())
     for node in prompt.values():  # tiny and quick; everything else as shipped

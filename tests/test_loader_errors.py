@@ -76,10 +76,6 @@ def test_folder_without_weights(tmp_path):
 
 UNSUPPORTED = {
     "T2I-Adapter (style)": ["style_embedding", "transformer_layes.0.attn.in_proj_weight", "ln_post.weight"],
-    "ControlNet Union / ProMax": [
-        "controlnet_cond_embedding.conv_in.weight", "task_embedding", "control_add_embedding.linear_1.bias",
-        "transformer_layes.0.attn.in_proj_weight",
-    ],
     "SD3 / SD3.5 ControlNet": ["controlnet_blocks.0.weight", "pos_embed_input.proj.weight"],
     "Flux ControlNet (XLabs)": ["controlnet_blocks.0.weight", "double_blocks.0.img_attn.norm.key_norm.scale"],
     "Flux ControlNet (InstantX/Shakker)": ["controlnet_blocks.0.weight", "controlnet_x_embedder.weight"],

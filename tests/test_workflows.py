@@ -221,6 +221,10 @@ def ui_widget_names(spec: dict) -> list[str]:
     return names
 
 
+def optional_widgets(spec: dict) -> set[str]:
+    return {name for name, (kind, _), required in _inputs(spec) if not required and is_widget(kind)}
+
+
 def validate_ui(workflow: dict, specs: dict) -> list[str]:
     errors = []
     nodes = {n["id"]: n for n in workflow["nodes"]}
@@ -266,7 +270,11 @@ def validate_ui(workflow: dict, specs: dict) -> list[str]:
                 errors.append(f"node {nid}: output {i} type {out['type']} does not match the node")
         names = ui_widget_names(spec)
         values = node.get("widgets_values", [])
-        if len(values) != len(names):
+        # The front end sets widgets_values[i] on the i-th widget for i < len(widgets_values)
+        # (LGraphNode.configure), so a workflow saved before an optional widget was appended at the
+        # end loads with that widget at its default: only optional widgets may be missing, at the end.
+        missing = names[len(values):]
+        if len(values) > len(names) or any(n not in optional_widgets(spec) for n in missing):
             errors.append(f"node {nid} ({node['type']}): {len(values)} widget values for widgets {names}")
             continue
         for name, value in zip(names, values):
