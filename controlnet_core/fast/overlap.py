@@ -12,7 +12,7 @@ holds tensors (through any mapping access: `d[k]`, `d.get`, `items`, `values`, i
 empty "input" slot, so ComfyUI's UNet reads nothing until `control["middle"]` after its middle
 block: the ControlNet overlaps the whole encoder, and every other reader (a chained control, a
 wrapper of another pack) waits at its own first read. Nothing is registered on the host, so
-nothing can outlive the call. See benchmarks/results/comfyui_overlap.md for the code path.
+nothing can outlive the call. The code path in ComfyUI: docs/comfyui_fast_path.md.
 """
 
 from __future__ import annotations

@@ -99,9 +99,10 @@ def release(target: Any = None) -> int:
 
         def uses(c: Any) -> bool:
             return any(c is w for w in wanted)
-    keys = [k for k, r in _RUNNERS.items() if any(c is not None and uses(c) for c in r.controls())]
+    # list(): a runner's weakref callback may drop entries if the GC runs meanwhile
+    keys = [k for k, r in list(_RUNNERS.items()) if any(c is not None and uses(c) for c in r.controls())]
     for k in keys:
-        del _RUNNERS[k]
+        _RUNNERS.pop(k, None)
     return len(keys)
 
 
@@ -418,8 +419,8 @@ def _memory_allows_graph(entry: Any, dev: torch.device, opts: FastOptions) -> bo
     if free >= need + opts.min_free_mib * 2**20:
         return True
     dropped = 0
-    for r in _RUNNERS.values():
-        for e in r.entries.values():
+    for r in list(_RUNNERS.values()):
+        for e in list(r.entries.values()):
             if e.graph is not None:
                 e.graph, e.graph_failed = None, True
                 dropped += 1
