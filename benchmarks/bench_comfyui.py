@@ -28,7 +28,8 @@ How it measures, per row (one sampling run, same seed for every row of a case):
             built-in path's (one control: ControlNetLoader + ControlNetApplyAdvanced; two: the
             built-in chain), max over pixels and channels, in 1/255.
 Rows: no control; built-in; ours (defaults); ours with each fast feature off (the whole fast path,
-graphs, the fresh copy) and with the opt-in overlap on; two controls (built-in chain vs our stack).
+graphs, the fresh copy), with the opt-in overlap on and with the graph warm-up on ComfyUI's stream
+(`warm_on_side=False`, a memory option); two controls (built-in chain vs our stack).
 Models: random weights of the real SD1.5 / SDXL architectures (checkpoint = UNet + VAE + text
 encoders, ControlNets in the unprefixed LDM layout of the v1.1 files), built with ComfyUI's own
 classes and saved with its own `process_*_for_saving` key conversions, so both loaders read them as
@@ -78,6 +79,7 @@ VARIANTS: dict[str, tuple[str, int, dict]] = {
     "ours, graphs off": ("ours", 1, {"graphs": False}),
     "ours, fresh copy off": ("ours", 1, {"fresh_outputs": False}),
     "ours, overlap on": ("ours", 1, {"overlap": True}),
+    "ours, warm-up on host stream": ("ours", 1, {"warm_on_side": False}),
     "built-in x2": ("builtin", 2, {}),
     "ours x2": ("ours", 2, {}),
     "ours x2, fast path off": ("ours", 2, {"enabled": False}),
@@ -99,8 +101,8 @@ PLANS: dict[str, list[tuple[str, str, str, list[str]]]] = {
         ("comfyui", "fp8", "sd15-b1", MIN),
         ("comfyui", "default", "sd15-b4", SHORT),
         ("comfyui", "fp8", "sdxl-b1", MIN),
-        ("native", "default", "sd15-b1", [*MIN, "ours, graphs off"]),
-        ("native", "default", "sdxl-b1", [*MIN, "ours, graphs off"]),
+        ("native", "default", "sd15-b1", [*MIN, "ours, graphs off", "ours, warm-up on host stream"]),
+        ("native", "default", "sdxl-b1", [*MIN, "ours, graphs off", "ours, warm-up on host stream"]),
     ],
     "cpu": [
         ("comfyui", "default", "sd15-b1-64px", ALL),

@@ -620,6 +620,17 @@ def test_release_gives_the_graph_memory_back():
 
 @pytest.mark.cuda
 @cuda
+def test_warm_up_on_the_host_stream_still_captures():
+    stack = _stack(TINY_SDXL, "cuda", torch.float16, 2)
+    with torch.no_grad(), fast.override(warm_on_side=False):
+        for seed in range(1, 5):
+            req = make_request(TINY_SDXL, seed=seed, device="cuda")
+            assert rel_err(stack.residuals(req), plain(stack, req)) <= SAME_DTYPE_TOL[torch.float16]
+    assert fast.STATS["eager"] == 1 and fast.STATS["capture"] == 1 and fast.STATS["replay"] == 3
+
+
+@pytest.mark.cuda
+@cuda
 def test_short_memory_keeps_the_controlnet_eager_and_drops_graphs(monkeypatch):
     other = _stack(TINY_SD15, "cuda", torch.float32, 1)
     with torch.no_grad():

@@ -31,6 +31,11 @@ class FastOptions:
     fresh_outputs: hand out a fresh copy of the residuals (one flat copy) instead of the graph's
                    static buffers, so a host may keep them past the next call;
     warmup_calls:  eager calls per input shape before the graph is captured (>= 1);
+    warm_on_side:  run those warm-up calls on the side stream, where the capture happens (the
+                   H100 measurements used this). Off: on the host's stream, sharing its cache;
+                   PyTorch's native allocator keeps a stream's freed blocks for that stream, so a
+                   side-stream warm-up keeps the ControlNet's activation memory reserved a second
+                   time next to the graph's pool (not so with cudaMallocAsync, ComfyUI's default);
     max_graphs:    per-shape entries kept per stack (least recently used dropped first);
     min_free_mib:  a graph is captured only if this much device memory stays free beyond what it
                    needs; otherwise all graphs are dropped and controls run eagerly (logged once).
@@ -45,6 +50,7 @@ class FastOptions:
     parallel: bool = False
     fresh_outputs: bool = True
     warmup_calls: int = 1
+    warm_on_side: bool = True
     max_graphs: int = 4
     min_free_mib: int = 1024
     allow_cpu: bool = False

@@ -52,6 +52,7 @@ _SIDE: dict[int, torch.cuda.Stream] = {}
 _BRANCH: dict[tuple[int, int], torch.cuda.Stream] = {}
 _POOL: dict[int, Any] = {}
 _LAST_DONE: dict[int, torch.cuda.Event] = {}
+_PRIMED: set[tuple[int, torch.dtype]] = set()
 _NEED: dict[int, int] = {}  # per device: the most device memory one capture took (measured)
 _LOGGED: set[str] = set()
 
@@ -285,7 +286,8 @@ class _Runner:
         overlap = bool(opts.overlap and cuda)
         # eager warm-up calls run on the side stream too when a graph will follow: the capture
         # happens there, so cuBLAS/cuDNN are warm on that stream
-        warm_side = opts.graphs and entry.graph is None and not entry.graph_failed and not capturing
+        warm_side = (opts.warm_on_side and opts.graphs and entry.graph is None and not entry.graph_failed
+                     and not capturing)
         run = _side_stream(dev) if cuda and (overlap or warm_side) else cur
         if cuda and run is not cur:
             run.wait_stream(cur)
@@ -353,6 +355,13 @@ class _Runner:
         g = torch.cuda.CUDAGraph()
         side = _side_stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
+        if (dev.index, entry.x.dtype) not in _PRIMED:
+            # cuBLAS keeps a workspace per stream, made at its first matmul there: make it now,
+            # outside the capture, not inside the graph's pool (matters when warm_on_side is off)
+            with torch.cuda.stream(side):
+                a = torch.ones(8, 8, device=dev, dtype=entry.x.dtype)
+                torch.mm(a, a)
+            _PRIMED.add((dev.index, entry.x.dtype))
         try:
             with torch.cuda.stream(side):
                 g.capture_begin(pool=_pool(dev), capture_error_mode="thread_local")
