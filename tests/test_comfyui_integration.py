@@ -9,6 +9,9 @@ What happens: a temporary base directory gets models/, input/, output/, user/ an
 damaged file) are written with ComfyUI's own model classes, in its interpreter. ComfyUI starts
 headless (`--cpu --listen 127.0.0.1`), and the tests talk to it like a client: /object_info,
 POST /prompt, /history. Images are 64x64 with 3 steps, so a prompt takes seconds.
+Two tests at the end need no server: they run a short script in ComfyUI's interpreter against its
+own code (where its UNet and control_merge first read an overlapped residual dict; the fast
+path's state dropped when ComfyUI unloads our ControlNet).
 """
 
 from __future__ import annotations
@@ -465,3 +468,46 @@ def test_overlapped_residuals_are_waited_for_at_comfyuis_first_read(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "sync at ('middle', 0)" in done.stdout
+
+
+DETACH_RELEASES = r'''
+import asyncio, dataclasses, sys, torch
+comfy_path, pack = sys.argv[1:3]
+sys.path.insert(0, comfy_path)
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import nodes
+assert asyncio.run(nodes.load_custom_node(pack))
+name = pack.replace(".", "_x_")
+m = lambda sub: sys.modules[f"{name}.{sub}"]
+fast, adapter = m("controlnet_core.fast"), m("nodes.adapter")
+from importlib import import_module
+cfg_mod, model_mod, control_mod, host_mod = (import_module(f"{name}.controlnet_core.{x}") for x in ("config", "model", "control", "host"))
+cfg = dataclasses.replace(cfg_mod.SD15, model_channels=32, channel_mult=(1, 2, 2, 2), context_dim=64,
+                          hint_block_channels=(16, 16, 32, 32))
+net = model_mod.ControlNet(cfg).eval()
+stack = control_mod.ControlStack([control_mod.Control(net, torch.rand(1, 3, 32, 32))])
+stack.pre_run(lambda p: 1e9 if p <= 0 else (0.0 if p >= 1 else 10.0 * (1 - p)))
+req = host_mod.StepRequest(torch.randn(2, 4, 4, 4), torch.full((2,), 5.0), torch.full((2,), 500.0),
+                           torch.randn(2, 5, 64), None, (0, 1))
+handle = adapter._make_handle(net, "tiny", torch.device("cpu"), torch.device("cpu"))
+with torch.no_grad(), fast.override(allow_cpu=True):
+    stack.residuals(req)
+assert len(fast.runner._RUNNERS) == 1
+handle.patcher.detach()  # what ComfyUI's model_unload (memory pressure, /free) calls
+assert fast.runner._RUNNERS == {}, fast.runner._RUNNERS
+print("ON_DETACH released the runner")
+'''
+
+
+def test_comfyui_unloading_our_controlnet_drops_its_fast_path_state(tmp_path):
+    """ComfyUI unloads a model (memory pressure, /free) through ModelPatcher.detach: our patcher's
+    ON_DETACH callback then drops the fast path's runners (graphs, buffers) that use that net,
+    even when the run that made them failed before its cleanup. Real ComfyUI, our pack loaded by
+    its own load_custom_node; the runner is made on the CPU (allow_cpu)."""
+    script = tmp_path / "detach.py"
+    script.write_text(DETACH_RELEASES)
+    done = subprocess.run([COMFYUI_PYTHON, str(script), COMFYUI_PATH, str(ROOT)], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ON_DETACH released the runner" in done.stdout
