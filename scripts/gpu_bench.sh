@@ -49,3 +49,4 @@ timeout "$BENCH_KILL_S" "$PY" benchmarks/bench_comfyui.py --comfyui .gpu/ComfyUI
     --out "$OUT" --budget-s "$BENCH_BUDGET_S" "$@"
 echo "benchmark: exit $?   [$(( $(date +%s) - T0 )) s]"
 ls -la "$OUT"
+sleep 1  # let tee finish gpu_bench.log before the device tool collects $OUT
