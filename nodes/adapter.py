@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..controlnet_core import fast
 from ..controlnet_core.control import ControlSettings, default_global_pool, with_control_type
 from ..controlnet_core.errors import ControlNetError, InputError, LoadError, UnsupportedFamilyError
 from ..controlnet_core.hint import to_bchw
@@ -117,21 +118,35 @@ def resolve_model_path(name: Any) -> str:
     return full
 
 
-def _dtype_and_devices() -> tuple[torch.dtype, Any, Any]:
+def _dtype_and_devices() -> tuple[torch.dtype, Any, Any, bool]:
+    """(compute dtype, load device, offload device, fp8 storage). ComfyUI's `--fp8_e4m3fn-unet`
+    (and the like) asks for fp8 weight storage: the net is then loaded in the compute dtype and
+    its weights stored as e4m3 with a per-tensor scale (`fast.prepare(fp8=True)`), about half the
+    memory of fp16, as ComfyUI's own ControlNet loader does with that flag."""
     import comfy.model_management as mm
 
     load_device = mm.get_torch_device()
     dtype = mm.unet_dtype(supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])
+    fp8 = dtype in _FP8_DTYPES
     compute = mm.unet_manual_cast(dtype, load_device)
     if compute is not None:  # weights are kept in the dtype the device computes in
         dtype = compute
-    return dtype, load_device, mm.unet_offload_device()
+    elif fp8:  # a device that computes in fp8 itself: we still compute in fp16
+        dtype = torch.float16
+    return dtype, load_device, mm.unet_offload_device(), fp8 and fast.fp8_supported()
+
+
+_FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu") if hasattr(torch, n))
 
 
 def _make_handle(net: nn.Module, name: str, load_device: Any, offload_device: Any) -> NetHandle:
     import comfy.model_patcher
+    from comfy.patcher_extension import CallbacksMP
 
     patcher = comfy.model_patcher.ModelPatcher(NetHolder(net), load_device=load_device, offload_device=offload_device)
+    # ComfyUI unloading the net (memory pressure, /free) also drops the fast path's graphs for it,
+    # even those of a run that failed before its cleanup
+    patcher.add_callback(CallbacksMP.ON_DETACH, lambda *_: fast.release(net))
     return NetHandle(net, patcher, name)
 
 
@@ -140,9 +155,11 @@ def load_control(name: str) -> Any:
     path = resolve_model_path(name)
     import comfy.ops
 
-    dtype, load_device, offload_device = _dtype_and_devices()
+    dtype, load_device, offload_device, fp8 = _dtype_and_devices()
     try:
         net = load_controlnet(path, device=offload_device, dtype=dtype, ops=comfy.ops.disable_weight_init, name=name)
+        if fp8 and getattr(net, "supports_fast_path", False):
+            fast.prepare(net, fp8=True)
     except UnsupportedFamilyError as e:
         raise UnsupportedFamilyError(f"{e}. ComfyUI's own 'Load ControlNet Model' node may load it") from None
     except ControlNetError:

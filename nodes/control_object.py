@@ -19,7 +19,11 @@ in the chain, exactly like ComfyUI's `control_merge` sums a chain.
 
 Traps handled here: every call returns fresh lists (the UNet pops them); per-run state (active
 sigma ranges, cached hint embeddings) is rebuilt in `pre_run` because `cleanup` is skipped when a
-run fails or is interrupted and node outputs are reused across re-queues.
+run fails or is interrupted and node outputs are reused across re-queues. The CUDA fast path's
+graphs and buffers of a run are released in `cleanup` (and, after a failed run, at the next
+`pre_run`), so ComfyUI's model unloading and `/free` get that memory back. With the fast path's
+`overlap` on, the residual dict makes ComfyUI's stream wait at its first read (`fast.on_read`),
+because ComfyUI never calls the dict's "sync".
 
 Attention-input patches (ControlNet-LLLite; `controlnet_core/host.py`) go through ComfyUI's own
 mechanism: `get_control` receives the `transformer_options` of this one model call, and we add an
@@ -39,6 +43,7 @@ from typing import Any
 
 import torch
 
+from ..controlnet_core import fast
 from ..controlnet_core.control import Control, ControlSettings, ControlStack, with_control_type
 from ..controlnet_core.errors import ControlNetError, InputError
 from ..controlnet_core.host import ATTENTION, COND, AttnFn, AttnSite, StepRequest, apply_attention
@@ -160,9 +165,11 @@ def check_mask_fits(mask: torch.Tensor, latent_h: int, latent_w: int, what: str 
 
 
 def merge_residuals(own: dict | None, prev: dict | None) -> dict | None:
-    """Index-wise sum of two control dicts (prev + own), in fresh lists; None entries are holes."""
-    if own is None and prev is None:
-        return None
+    """Index-wise sum of two control dicts (prev + own), in fresh lists; None entries are holes.
+    With one of them None the other is returned as it is (already fresh lists; an overlapped
+    dict keeps its wait-on-read until the UNet reads it)."""
+    if own is None or prev is None:
+        return prev if own is None else own
     out: dict[str, list] = {"input": [], "middle": [], "output": []}
     for key in out:
         a = list((own or {}).get(key) or [])
@@ -366,7 +373,7 @@ class CoreControlMixin:
 
     def pre_run(self, model: Any, percent_to_timestep_function: Any) -> None:
         super().pre_run(model, percent_to_timestep_function)  # timestep_range + the previous chain
-        self._cncore_stack = None
+        self._cncore_release()  # a failed run skipped cleanup: drop its graphs now
         self._cncore_checked = set()
         self.cncore_check_model(model)
         stack = self.cncore_stack()
@@ -421,7 +428,7 @@ class CoreControlMixin:
         cond_or_uncond = (transformer_options or {}).get("cond_or_uncond") or [COND] * int(batched_number)
         request = StepRequest(x_in, t, timesteps, context, y, tuple(cond_or_uncond))
         with torch.no_grad():
-            return stack.residuals(request)
+            return fast.on_read(stack.residuals(request))
 
     def copy(self):
         c = type(self)(self.handle)
@@ -448,10 +455,16 @@ class CoreControlMixin:
         return super().inference_memory_requirements(dtype) + built
 
     def cleanup(self):
-        self._cncore_stack = None
+        self._cncore_release()
         self._cncore_sampling = None
         for h in self.cncore_handles():  # free what pre_run built from the host (merged copies)
             unbind = getattr(h.net, "unbind_host", None)
             if unbind is not None:
                 unbind()
         super().cleanup()
+
+    def _cncore_release(self) -> None:
+        """Drop this run's controls and the fast path's graphs and buffers for them."""
+        if self._cncore_stack is not None:
+            fast.release(self._cncore_stack)
+        self._cncore_stack = None

@@ -9,6 +9,9 @@ What happens: a temporary base directory gets models/, input/, output/, user/ an
 damaged file) are written with ComfyUI's own model classes, in its interpreter. ComfyUI starts
 headless (`--cpu --listen 127.0.0.1`), and the tests talk to it like a client: /object_info,
 POST /prompt, /history. Images are 64x64 with 3 steps, so a prompt takes seconds.
+Two tests at the end need no server: they run a short script in ComfyUI's interpreter against its
+own code (where its UNet and control_merge first read an overlapped residual dict; the fast
+path's state dropped when ComfyUI unloads our ControlNet).
 """
 
 from __future__ import annotations
@@ -542,3 +545,120 @@ def test_control_lora_matches_comfyui_builtin(comfy):
     assert d_ours <= 1
     assert _diff(runs["our_loader_builtin_apply"], runs["ours"]) == 0
     assert _diff(runs["builtin_loader_our_apply"], runs["builtin"]) == 0
+
+
+# ------------------------------------------------------------------------------------------
+# overlap: where ComfyUI's own code reads the residual dict (no server needed)
+
+OVERLAP_ORDER = r'''
+import importlib.util, sys, torch
+comfy_path, overlap_path = sys.argv[1:3]
+sys.path.insert(0, comfy_path)
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.ops, comfy.controlnet
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+spec = importlib.util.spec_from_file_location("overlap", overlap_path)
+overlap = importlib.util.module_from_spec(spec); spec.loader.exec_module(overlap)
+
+cfg = dict(image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=[1, 1],
+           channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1],
+           context_dim=16, num_head_channels=8, use_spatial_transformer=True, legacy=False,
+           transformer_depth_middle=1, use_linear_in_transformer=True)
+torch.manual_seed(0)
+unet = UNetModel(dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init, **cfg)
+for p in unet.parameters():
+    torch.nn.init.normal_(p, std=0.05)
+x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 500.0]), torch.randn(2, 3, 16)
+events = []
+
+class Slot(list):
+    def __init__(self, name, items):
+        super().__init__(items); self.name = name
+    def pop(self, *a):
+        events.append(("pop", self.name)); return super().pop(*a)
+
+to = {}
+with torch.no_grad():
+    # the UNet's skips (h after each input block) and the middle output give the residual shapes
+    shapes = []
+    def record(h, transformer_options):
+        shapes.append(h.shape)
+        return h
+    unet(x, t, context=ctx, transformer_options={"patches": {"input_block_patch": [record]}})
+    shapes.append(shapes[-1])  # the middle block keeps the deepest input block's shape
+    down = [torch.full(s, 0.1) for s in shapes[:-1]]
+    mid = torch.full(shapes[-1], 0.1)
+    want = unet(x, t, context=ctx, control={"input": [], "middle": [mid.clone()], "output": [d.clone() for d in down]},
+                transformer_options={})
+    d = overlap.SyncOnRead({"input": Slot("input", []), "middle": Slot("middle", [mid.clone()]),
+                            "output": Slot("output", [r.clone() for r in down])},
+                           lambda: events.append(("sync", to.get("block"))))
+    got = unet(x, t, context=ctx, control=d, transformer_options=to)
+assert events[0] == ("sync", ("middle", 0)), events[:3]
+assert events[1] == ("pop", "middle") and all(e == ("pop", "output") for e in events[2:]), events
+assert len(events) == 2 + len(down) and torch.equal(got, want)
+# a built-in control chained on top: its control_merge reads ours (control_prev) -> waits first
+events.clear()
+d2 = overlap.SyncOnRead({"input": [], "middle": [mid.clone()], "output": [r.clone() for r in down]},
+                        lambda: events.append(("sync", "merge")))
+merged = comfy.controlnet.ControlBase().control_merge({"middle": [mid.clone()], "output": [r.clone() for r in down]}, d2, None)
+assert events == [("sync", "merge")] and torch.allclose(merged["middle"][0], 2 * mid)
+print("overlap order ok:", len(down), "skips; sync at", ("middle", 0))
+'''
+
+
+def test_overlapped_residuals_are_waited_for_at_comfyuis_first_read(tmp_path):
+    """ComfyUI never calls our "sync"; `fast.on_read` makes the first read wait instead. In
+    ComfyUI's real UNetModel (a tiny config, CPU) the wait happens when the UNet reads "middle"
+    after its middle block (block ("middle", 0)), before any residual is popped, and the result
+    equals the plain dict's; a built-in control chained on top waits inside its control_merge."""
+    script = tmp_path / "overlap_order.py"
+    script.write_text(OVERLAP_ORDER)
+    done = subprocess.run([COMFYUI_PYTHON, str(script), COMFYUI_PATH, str(ROOT / "controlnet_core/fast/overlap.py")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sync at ('middle', 0)" in done.stdout
+
+
+DETACH_RELEASES = r'''
+import asyncio, dataclasses, sys, torch
+comfy_path, pack = sys.argv[1:3]
+sys.path.insert(0, comfy_path)
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import nodes
+assert asyncio.run(nodes.load_custom_node(pack))
+name = pack.replace(".", "_x_")
+m = lambda sub: sys.modules[f"{name}.{sub}"]
+fast, adapter = m("controlnet_core.fast"), m("nodes.adapter")
+from importlib import import_module
+cfg_mod, model_mod, control_mod, host_mod = (import_module(f"{name}.controlnet_core.{x}") for x in ("config", "model", "control", "host"))
+cfg = dataclasses.replace(cfg_mod.SD15, model_channels=32, channel_mult=(1, 2, 2, 2), context_dim=64,
+                          hint_block_channels=(16, 16, 32, 32))
+net = model_mod.ControlNet(cfg).eval()
+stack = control_mod.ControlStack([control_mod.Control(net, torch.rand(1, 3, 32, 32))])
+stack.pre_run(lambda p: 1e9 if p <= 0 else (0.0 if p >= 1 else 10.0 * (1 - p)))
+req = host_mod.StepRequest(torch.randn(2, 4, 4, 4), torch.full((2,), 5.0), torch.full((2,), 500.0),
+                           torch.randn(2, 5, 64), None, (0, 1))
+handle = adapter._make_handle(net, "tiny", torch.device("cpu"), torch.device("cpu"))
+with torch.no_grad(), fast.override(allow_cpu=True):
+    stack.residuals(req)
+assert len(fast.runner._RUNNERS) == 1
+handle.patcher.detach()  # what ComfyUI's model_unload (memory pressure, /free) calls
+assert fast.runner._RUNNERS == {}, fast.runner._RUNNERS
+print("ON_DETACH released the runner")
+'''
+
+
+def test_comfyui_unloading_our_controlnet_drops_its_fast_path_state(tmp_path):
+    """ComfyUI unloads a model (memory pressure, /free) through ModelPatcher.detach: our patcher's
+    ON_DETACH callback then drops the fast path's runners (graphs, buffers) that use that net,
+    even when the run that made them failed before its cleanup. Real ComfyUI, our pack loaded by
+    its own load_custom_node; the runner is made on the CPU (allow_cpu)."""
+    script = tmp_path / "detach.py"
+    script.write_text(DETACH_RELEASES)
+    done = subprocess.run([COMFYUI_PYTHON, str(script), COMFYUI_PATH, str(ROOT)], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ON_DETACH released the runner" in done.stdout

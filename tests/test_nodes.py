@@ -373,6 +373,60 @@ def test_a_failed_run_without_cleanup_does_not_leak_into_the_next(handle):
         c.get_control(x, low, cond, 2, {})
 
 
+def test_cleanup_and_the_next_pre_run_release_the_fast_paths_graphs(handle):
+    """The fast path's per-run state (runner: graphs, static buffers) goes at cleanup, so
+    ComfyUI's unloading and /free get its memory back; after a failed run (no cleanup) the next
+    pre_run drops it. The eager body stands in for the CUDA runner here (allow_cpu)."""
+    from comfyui_controlnet_core.controlnet_core import fast
+
+    fast.release()
+    runners = fast.runner._RUNNERS
+    s = Sampling()
+    c = make_control(handle)
+    x, t, cond = step_inputs()
+    with fast.override(allow_cpu=True):
+        c.pre_run(fake_model(), s.percent_to_sigma)
+        c.get_control(x, t, cond, 2, {"cond_or_uncond": [0, 1]})
+        assert len(runners) == 1
+        c.cleanup()
+        assert runners == {}
+        c.pre_run(fake_model(), s.percent_to_sigma)
+        c.get_control(x, t, cond, 2, {"cond_or_uncond": [0, 1]})  # this run "fails": no cleanup
+        first = next(iter(runners.values()))
+        c.pre_run(fake_model(), s.percent_to_sigma)
+        assert first not in runners.values()
+        c.get_control(x, t, cond, 2, {"cond_or_uncond": [0, 1]})
+        assert len(runners) == 1
+    c.cleanup()
+    assert runners == {}
+
+
+def test_an_overlapped_dict_reaches_the_host_with_its_wait_on_read(handle, monkeypatch):
+    """With overlap on (CUDA), the stack's dict carries "sync", which ComfyUI never calls: the
+    control object hands ComfyUI a dict that waits at its first real read instead, unread (no
+    chain to merge with). The stack's answer is faked here: overlap needs CUDA streams."""
+    from comfyui_controlnet_core.controlnet_core import fast
+
+    calls = []
+    c = make_control(handle)
+    c.pre_run(fake_model(), Sampling().percent_to_sigma)
+    monkeypatch.setattr(c._cncore_stack, "residuals", lambda request: {
+        "input": [], "middle": [torch.ones(1)], "output": [torch.ones(1)], "sync": lambda: calls.append(1)})
+    x, t, cond = step_inputs()
+    out = c.get_control(x, t, cond, 2, {"cond_or_uncond": [0, 1]})
+    assert isinstance(out, fast.SyncOnRead) and "sync" not in out and calls == []
+    assert out["input"] == [] and calls == []
+    assert out["middle"][0].item() == 1.0 and calls == [1]
+    # chained under another control, the merge reads it, and so waits first
+    calls.clear()
+    top = make_control(handle, prev=c)
+    top.pre_run(fake_model(), Sampling().percent_to_sigma)
+    monkeypatch.setattr(c._cncore_stack, "residuals", lambda request: {
+        "input": [], "middle": [torch.ones(1)], "output": [torch.ones(1)], "sync": lambda: calls.append(1)})
+    merged = top.get_control(x, t, cond, 2, {"cond_or_uncond": [0, 1]})
+    assert calls == [1] and not isinstance(merged, fast.SyncOnRead)
+
+
 def test_copies_share_the_network_not_the_run_state(handle):
     a = make_control(handle)
     b = a.copy()
@@ -395,6 +449,8 @@ def test_merge_sums_index_wise_with_holes():
     assert out["input"][0] is b and out["input"][1] is a
     assert out["middle"][0].item() == 3.0 and [t.item() for t in out["output"]] == [3.0, 2.0]
     assert merge_residuals(None, None) is None
+    own = {"input": [], "middle": [a], "output": [a]}
+    assert merge_residuals(own, None) is own and merge_residuals(None, own) is own  # fresh already: kept as is
 
 
 # ------------------------------------------------------------------------------------------

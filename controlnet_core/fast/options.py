@@ -31,7 +31,16 @@ class FastOptions:
     fresh_outputs: hand out a fresh copy of the residuals (one flat copy) instead of the graph's
                    static buffers, so a host may keep them past the next call;
     warmup_calls:  eager calls per input shape before the graph is captured (>= 1);
+    warm_on_side:  run those warm-up calls on the side stream, where the capture happens (the
+                   H100 measurements used this). Off: on the host's stream, sharing its cache;
+                   PyTorch's native allocator keeps a stream's freed blocks for that stream, so a
+                   side-stream warm-up keeps the ControlNet's activation memory reserved a second
+                   time next to the graph's pool (not so with cudaMallocAsync, ComfyUI's default);
     max_graphs:    per-shape entries kept per stack (least recently used dropped first);
+    min_free_mib:  a graph is captured only if this much device memory stays free beyond what it
+                   needs; otherwise all graphs are dropped and controls run eagerly (logged once).
+                   1024: about what ComfyUI keeps free for inference (`minimum_inference_memory`,
+                   0.8 GiB + its 0.4 GiB reserve), so graphs never take the host's working memory;
     allow_cpu:     run the fast path's eager body off CUDA too (no graphs, no streams): for tests.
     """
 
@@ -41,7 +50,9 @@ class FastOptions:
     parallel: bool = False
     fresh_outputs: bool = True
     warmup_calls: int = 1
+    warm_on_side: bool = True
     max_graphs: int = 4
+    min_free_mib: int = 1024
     allow_cpu: bool = False
 
 
@@ -65,9 +76,10 @@ def configure(**changes: object) -> FastOptions:
     if unknown:
         raise ValueError(f"unknown fast-path option(s) {unknown}; known: {sorted(names)}")
     for k, v in changes.items():
-        if k in ("warmup_calls", "max_graphs"):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{k} must be an integer >= 1; got {v!r}")
+        if k in ("warmup_calls", "max_graphs", "min_free_mib"):
+            low = 0 if k == "min_free_mib" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{k} must be an integer >= {low}; got {v!r}")
         elif not isinstance(v, bool):
             raise ValueError(f"{k} must be True or False; got {v!r}")
         setattr(_OPTIONS, k, v)

@@ -108,11 +108,24 @@ def store_fp8(net: nn.Module) -> nn.Module:
             full = f"{name}.{child_name}" if name else child_name
             if full.split(".")[0] in _KEEP:
                 continue
-            if type(child) is nn.Linear:
+            if not _plain_layer(child):
+                continue
+            if isinstance(child, nn.Linear):
                 setattr(parent, child_name, Fp8Linear(child))
-            elif type(child) is nn.Conv2d and child.padding_mode == "zeros" and isinstance(child.padding, tuple):
+            elif isinstance(child, nn.Conv2d) and child.padding_mode == "zeros" and isinstance(child.padding, tuple):
                 setattr(parent, child_name, Fp8Conv2d(child))
     return net
+
+
+def _plain_layer(m: nn.Module) -> bool:
+    """A Linear/Conv2d whose math is the plain layer's: the torch class itself, or a subclass that
+    only changes how weights are cast or initialised (a host's layer classes, e.g. ComfyUI's
+    `comfy.ops`), i.e. one with no parameters but weight/bias and no sub-modules. A subclass with
+    more (a LoRA layer's up/down) is left alone."""
+    if type(m) in (nn.Linear, nn.Conv2d):
+        return True
+    own = {n for n, _ in m.named_parameters(recurse=False)}
+    return isinstance(m, (nn.Linear, nn.Conv2d)) and own <= {"weight", "bias"} and not any(True for _ in m.children())
 
 
 def weight_bytes(net: nn.Module) -> int:

@@ -16,12 +16,21 @@ stream and the dict carries `"sync"`, which makes the host's stream wait for it.
 Anything the body cannot express (masks, grad mode, weights off the latent's device, a
 bad hint batch, input checks) goes back to the plain path by returning `NotImplemented`; a graph
 capture that fails marks the entry eager-only and says so once.
+
+Memory. Every graph of every runner and shape is captured into ONE private pool per device (its
+outputs live outside the pool, in the entry's flat buffer, so graphs only share transient
+memory, and they never replay concurrently: all replays are on the one side stream). Runners hold
+their controls weakly: when a run's controls are dropped (ComfyUI's `cleanup`), or `release(x)` is
+called, their graphs and buffers go, and the host's `empty_cache` gets the pool back. A graph is
+captured only while the device keeps `min_free_mib` free beyond what the graph needs; when it does
+not, every graph is dropped and the controls run eagerly (logged once).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import math
 import warnings
 import weakref
@@ -34,13 +43,18 @@ from ..hint import tile_to_batch
 from ..host import COND, StepRequest, unet_control
 from .options import FastOptions, enabled, get_options
 
-STATS: collections.Counter = collections.Counter()  # eager / capture / replay / fallback / capture_failed
+STATS: collections.Counter = collections.Counter()
+# eager / capture / replay / fallback / capture_failed / graphs_dropped_memory
+log = logging.getLogger(__name__)
 
 _RUNNERS: dict[tuple[int, ...], "_Runner"] = {}
 _SIDE: dict[int, torch.cuda.Stream] = {}
 _BRANCH: dict[tuple[int, int], torch.cuda.Stream] = {}
 _POOL: dict[int, Any] = {}
 _LAST_DONE: dict[int, torch.cuda.Event] = {}
+_PRIMED: set[tuple[int, torch.dtype]] = set()
+_NEED: dict[int, int] = {}  # per device: the most device memory one capture took (measured)
+_LOGGED: set[str] = set()
 
 
 # Per-device singletons. `dev` is always a tensor's device, which carries its index.
@@ -62,13 +76,35 @@ def _pool(dev: torch.device) -> Any:
     return _POOL[dev.index]
 
 
-def release() -> None:
-    """Drop every runner, graph and static buffer (e.g. after sampling, before freeing VRAM)."""
+def release(target: Any = None) -> int:
+    """Drop runners with their graphs and static buffers; returns how many were dropped.
+
+    target None: all of them (and the per-device pool handles); a stack (anything with `controls`)
+    or a control: every runner that evaluates one of those controls; a module: every runner whose
+    controls use it (the host unloading that model). The host's `empty_cache` then gets the
+    graphs' pool back.
+    """
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-    _RUNNERS.clear()
-    _LAST_DONE.clear()
-    _POOL.clear()
+        torch.cuda.synchronize()  # no replay may still read what is dropped
+    if target is None:
+        n = len(_RUNNERS)
+        _RUNNERS.clear()
+        _LAST_DONE.clear()
+        _POOL.clear()
+        return n
+    if isinstance(target, torch.nn.Module):
+        def uses(c: Any) -> bool:
+            return c.net is target
+    else:
+        wanted = list(getattr(target, "controls", None) or [target])
+
+        def uses(c: Any) -> bool:
+            return any(c is w for w in wanted)
+    # list(): a runner's weakref callback may drop entries if the GC runs meanwhile
+    keys = [k for k, r in list(_RUNNERS.items()) if any(c is not None and uses(c) for c in r.controls())]
+    for k in keys:
+        _RUNNERS.pop(k, None)
+    return len(keys)
 
 
 def stack_residuals(stack: Any, request: StepRequest) -> Any:
@@ -103,13 +139,20 @@ class _Fallback(Exception):
     pass
 
 
-def _drop(key: tuple[int, ...]) -> None:
-    _RUNNERS.pop(key, None)
+def _drop(key: tuple[int, ...], runner_ref: "weakref.ref[_Runner]") -> None:
+    """A control of the runner died: drop the runner (not a newer one that reuses the ids)."""
+    if _RUNNERS.get(key) is runner_ref():
+        _RUNNERS.pop(key, None)
 
 
 @dataclass
 class _Spec:
-    control: Any
+    """What an entry keeps of an active control. Never the control itself: an entry lives in a
+    module-level cache, and a strong reference would keep every run's controls (and so their
+    runners, graphs and buffers) alive for the whole process."""
+
+    index: int  # the control's position in the runner
+    net: torch.nn.Module
     rows_key: tuple[int, ...] | None  # cond_or_uncond when only some rows run (cond-only)
     global_pool: bool
     scales: tuple[float, ...]
@@ -137,12 +180,13 @@ class _Entry:
     part_views: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     calls: int = 0
     graph: Any = None
-    graph_failed: bool = False
+    graph_failed: bool = False  # capture failed, or skipped for memory: this entry stays eager
 
 
 class _Runner:
     def __init__(self, controls: Sequence[Any], key: tuple[int, ...]):
-        self.refs = [weakref.ref(c, lambda _r, k=key: _drop(k)) for c in controls]
+        me = weakref.ref(self)
+        self.refs = [weakref.ref(c, lambda _r, k=key: _drop(k, me)) for c in controls]
         self.entries: collections.OrderedDict[tuple, _Entry] = collections.OrderedDict()
         self.weights_key: tuple | None = None
 
@@ -162,8 +206,9 @@ class _Runner:
         sigma0 = float(request.sigma[0])
 
         specs: list[_Spec] = []
-        for c in self.controls():
-            if not c.is_active(sigma0):
+        active: list[Any] = []  # the controls of `specs`, for this call only
+        for k, c in enumerate(self.controls()):
+            if c is None or not c.is_active(sigma0):
                 continue
             rows_key = None
             if c.settings.apply_to == "cond-only":
@@ -173,23 +218,24 @@ class _Runner:
                 if n_cond < chunks:
                     rows_key = request.cond_or_uncond
             s = c.settings
-            specs.append(_Spec(c, rows_key, s.global_pool, tuple(s.strength * w for w in c.weights)))
+            specs.append(_Spec(k, c.net, rows_key, s.global_pool, tuple(s.strength * w for w in c.weights)))
+            active.append(c)
         if not specs:
             return None
 
-        wkey = tuple(_weights_key(s.control.net) for s in specs)
+        wkey = tuple(_weights_key(s.net) for s in specs)
         if wkey != self.weights_key:
             if capturing:
                 raise _Fallback
-            if any(_off_device(s.control.net, dev) for s in specs):
+            if any(_off_device(s.net, dev) for s in specs):
                 raise _Fallback
             if self.entries:
                 _sync(dev)
                 self.entries.clear()
             self.weights_key = wkey
         embs = []
-        for s in specs:
-            e = s.control.hint_embedding(x.shape[-2], x.shape[-1], dev)
+        for c in active:
+            e = c.hint_embedding(x.shape[-2], x.shape[-1], dev)
             if e.shape[0] != 1 and e.shape[0] * chunks != batch:
                 raise _Fallback  # the plain path raises the right error
             embs.append(e)
@@ -202,7 +248,7 @@ class _Runner:
         key = (
             tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, tuple(request.context.shape), request.context.dtype,
             None if y is None else (tuple(y.shape), y.dtype), chunks, parallel,
-            tuple((id(s.control), s.rows_key, s.global_pool, tuple(e.shape), e.dtype) for s, e in zip(specs, embs)),
+            tuple((s.index, s.rows_key, s.global_pool, tuple(e.shape), e.dtype) for s, e in zip(specs, embs)),
         )
         entry = self.entries.get(key)
         if entry is None:
@@ -240,7 +286,8 @@ class _Runner:
         overlap = bool(opts.overlap and cuda)
         # eager warm-up calls run on the side stream too when a graph will follow: the capture
         # happens there, so cuBLAS/cuDNN are warm on that stream
-        warm_side = opts.graphs and entry.graph is None and not entry.graph_failed and not capturing
+        warm_side = (opts.warm_on_side and opts.graphs and entry.graph is None and not entry.graph_failed
+                     and not capturing)
         run = _side_stream(dev) if cuda and (overlap or warm_side) else cur
         if cuda and run is not cur:
             run.wait_stream(cur)
@@ -253,9 +300,14 @@ class _Runner:
             else:
                 want_graph = (cuda and opts.graphs and not capturing and not entry.graph_failed
                               and entry.out_flat is not None and entry.calls >= opts.warmup_calls)
+                if want_graph and not _memory_allows_graph(entry, dev, opts):
+                    entry.graph_failed = True
+                    want_graph = False
+                free_before = _free_device_bytes(dev) if want_graph else 0
                 if want_graph and self._capture(entry, dev):
                     entry.graph.replay()
                     STATS["replay"] += 1
+                    _measure_need(dev, free_before)
                 else:
                     _body(entry)
                     STATS["eager"] += 1
@@ -264,6 +316,10 @@ class _Runner:
             fresh = torch.empty_like(entry.out_flat)  # allocated on the host's stream
             with ctx_mgr:
                 fresh.copy_(entry.out_flat)
+            if cuda and run is not cur and not capturing:
+                # written on the side stream: if the host drops it before it waits (an interrupted
+                # step), the allocator must not hand the block out before that copy has finished
+                fresh.record_stream(run)
             views = [fresh[o:o + n].view(shape) for o, n, shape in entry.layout]
         else:
             views = list(entry.out_views)
@@ -299,6 +355,13 @@ class _Runner:
         g = torch.cuda.CUDAGraph()
         side = _side_stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
+        if (dev.index, entry.x.dtype) not in _PRIMED:
+            # cuBLAS keeps a workspace per stream, made at its first matmul there: make it now,
+            # outside the capture, not inside the graph's pool (matters when warm_on_side is off)
+            with torch.cuda.stream(side):
+                a = torch.ones(8, 8, device=dev, dtype=entry.x.dtype)
+                torch.mm(a, a)
+            _PRIMED.add((dev.index, entry.x.dtype))
         try:
             with torch.cuda.stream(side):
                 g.capture_begin(pool=_pool(dev), capture_error_mode="thread_local")
@@ -333,6 +396,52 @@ class _Sync:
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+def _free_device_bytes(dev: torch.device) -> int:
+    """Device memory no one has reserved (the driver's free count; the host's cached blocks are
+    not free for a graph: its pool takes new segments, and the host needs its cache next step)."""
+    return int(torch.cuda.mem_get_info(dev)[0])
+
+
+def _measure_need(dev: torch.device, free_before: int) -> None:
+    """After a graph's capture and first replay: what it took from the device (the pool's new
+    segments at capture; with cudaMallocAsync a graph's memory is mapped at its first launch)."""
+    torch.cuda.synchronize(dev)
+    _NEED[dev.index] = max(_NEED.get(dev.index, 0), free_before - _free_device_bytes(dev))
+
+
+def graph_need_bytes(entry: Any, dev: torch.device) -> int:
+    """What capturing `entry` is expected to take: the most a capture on this device took so far,
+    and at least twice its residual bytes (the residuals live in the pool during the body, next to
+    block activations of a similar size)."""
+    floor = 2 * entry.out_flat.numel() * entry.out_flat.element_size()
+    return max(_NEED.get(dev.index, 0), floor)
+
+
+def _memory_allows_graph(entry: Any, dev: torch.device, opts: FastOptions) -> bool:
+    """True when the device keeps `min_free_mib` free after the graph's need. Otherwise every
+    graph is dropped (their pool goes back at the host's next `empty_cache`), this entry stays
+    eager, and the reason is logged once per process."""
+    need = graph_need_bytes(entry, dev)
+    free = _free_device_bytes(dev)
+    if free >= need + opts.min_free_mib * 2**20:
+        return True
+    dropped = 0
+    for r in list(_RUNNERS.values()):
+        for e in list(r.entries.values()):
+            if e.graph is not None:
+                e.graph, e.graph_failed = None, True
+                dropped += 1
+    STATS["graphs_dropped_memory"] += 1
+    if "memory" not in _LOGGED:
+        _LOGGED.add("memory")
+        log.warning(
+            "ControlNet fast path: %d MiB of VRAM free, a CUDA graph needs about %d MiB plus %d MiB to spare; "
+            "running the ControlNet without graphs (%d dropped) so the memory stays with the model. "
+            "Said once per process.", free >> 20, need >> 20, opts.min_free_mib, dropped,
+        )
+    return False
 
 
 _REGISTRATIONS = [0]  # bumped whenever any module (re)registers a parameter or buffer
@@ -403,7 +512,7 @@ def _body(entry: _Entry) -> None:
 
 def _control_outputs(entry: _Entry, k: int) -> list[torch.Tensor]:
     spec = entry.specs[k]
-    net = spec.control.net
+    net = spec.net
     x, t, ctx, y = entry.x, entry.t, entry.ctx, entry.y
     emb = tile_to_batch(entry.embs[k], entry.batch, entry.chunks)  # shape checked before the entry was made
     rows = entry.rows[k]
