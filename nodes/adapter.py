@@ -115,6 +115,17 @@ def resolve_model_path(name: Any) -> str:
     return full
 
 
+def file_signature(name: Any) -> str:
+    """The name, size and modification time of a model file (for ComfyUI's `IS_CHANGED`): it changes
+    when the file is replaced under the same name. A name that does not resolve gets just the name;
+    the load itself then says what is wrong."""
+    try:
+        st = os.stat(resolve_model_path(name))
+    except (ControlNetError, OSError, ImportError):
+        return repr(name)
+    return f"{name}|{st.st_size}|{st.st_mtime_ns}"
+
+
 def _dtype_and_devices() -> tuple[torch.dtype, Any, Any]:
     import comfy.model_management as mm
 
@@ -306,6 +317,6 @@ def stack_entry(control_net: Any, image: Any, strength: float, start_percent: fl
 
 
 __all__ = [
-    "NetHolder", "apply_control", "check_conditioning", "control_class", "controlnet_names",
+    "NetHolder", "apply_control", "check_conditioning", "control_class", "controlnet_names", "file_signature",
     "is_core_control", "load_control", "resolve_model_path", "stack_entry",
 ]

@@ -163,6 +163,36 @@ def test_model_names_outside_the_folders_are_refused(name):
     assert "Traceback" not in msg
 
 
+def test_loader_node_sees_a_file_replaced_under_the_same_name(tmp_path, monkeypatch):
+    """ComfyUI reuses the loader's output while IS_CHANGED returns the same value: it must change when
+    another ControlNet is written under the same name, and stay put otherwise."""
+    import os
+
+    from comfyui_controlnet_core.controlnet_core.loader import save_controlnet
+
+    folder = tmp_path / "controlnet"
+    folder.mkdir()
+    fake = SimpleNamespace(
+        get_full_path=lambda kind, name: str(folder / name) if (folder / name).is_file() else None,
+        get_folder_paths=lambda kind: [str(folder)],
+    )
+    monkeypatch.setitem(sys.modules, "folder_paths", fake)
+    node = NODE_CLASS_MAPPINGS["CNCore_LoadControlNet"]
+    path = folder / "cn.safetensors"
+    save_controlnet(random_controlnet(make_tiny_config("sd15"), seed=0), path)
+    os.utime(path, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+    first = node.IS_CHANGED("cn.safetensors")
+    assert node.IS_CHANGED("cn.safetensors") == first  # same file: the cached output is reused
+    save_controlnet(random_controlnet(make_tiny_config("sdxl"), seed=1), path)  # another net, same name
+    os.utime(path, ns=(1_700_000_100_000_000_000, 1_700_000_100_000_000_000))
+    assert node.IS_CHANGED("cn.safetensors") != first
+    os.utime(path, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))  # even with the old time
+    assert node.IS_CHANGED("cn.safetensors") != first  # (the size differs)
+    # names that do not resolve do not raise here: the load itself answers with its sentence
+    assert node.IS_CHANGED("missing.safetensors") == "'missing.safetensors'"
+    assert node.IS_CHANGED("../x.pth") == "'../x.pth'"
+
+
 # ------------------------------------------------------------------------------------------
 # the control protocol on a stand-in host
 
