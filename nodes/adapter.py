@@ -264,7 +264,9 @@ def apply_control(
     mask = normalize_mask(mask)
     ours = is_core_control(control_net)
     plain = (control_mode, resize_mode, interpolation) == (DEFAULT_MODE, DEFAULT_RESIZE, DEFAULT_INTERPOLATION)
-    hint = image.movedim(-1, 1)
+    # Grey and RGBA images are taken as the preprocessors take them (grey to RGB, alpha dropped), for
+    # ComfyUI's own ControlNets too, which would fail on them (to_bchw; other channel counts: a sentence).
+    hint = to_bchw(image, control_net.handle.net.hint_channels if ours else 3)
 
     if not ours and plain and mask is None and not entries:
         def make():  # ComfyUI's own control object, applied as ControlNetApplyAdvanced does

@@ -464,7 +464,8 @@ def test_apply_with_strength_zero_returns_the_conditioning_unchanged(handle):
     (dict(positive_width=2048), "made for SD1.x models .* conditioning comes from SDXL"),
     (dict(strength=11.0), "strength 11 is out of range"),
     (dict(start=0.8, end=0.2), "start_percent 0.8 is after end_percent 0.2"),
-    (dict(image=torch.rand(1, 64, 64, 4)), "colour channels"),
+    (dict(image=torch.rand(1, 64, 64, 2)), r"the hint image has 2 channels .* takes grey \(1\), RGB \(3\) or RGBA "
+                                           r"\(4, its alpha is dropped\) images: connect an image from Load Image"),
     (dict(image=torch.rand(64, 64, 3)), "IMAGE batch"),
     (dict(mask=torch.rand(1, 1, 8, 8, 2)), "mask must be"),
     (dict(mask=torch.full((1, 8, 8), 2.0)), "values from 0 to 1"),
@@ -478,6 +479,33 @@ def test_apply_refuses_bad_input_with_a_sentence(handle, kwargs, pattern):
     with pytest.raises(InputError, match=pattern):
         apply_node(conditioning(width), conditioning(width), StandInControl(handle), args["image"], args["strength"],
                    args["start"], args["end"], **kwargs)
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_apply_and_combine_take_grey_and_rgba_images_as_the_preprocessors_do(handle, handle2, channels):
+    """Grey is copied to R, G and B; RGBA drops its alpha (the colour as stored, however transparent)."""
+    s = Sampling()
+    rgb = hint_image(seed=6)
+    if channels == 1:
+        rgb = rgb[..., :1].expand(-1, -1, -1, 3)
+        image = rgb[..., :1].clone()
+    else:
+        image = torch.cat([rgb, torch.rand(1, 64, 64, 1)], dim=-1)  # a varying alpha must not matter
+    runs = []
+    for img in (image, rgb):
+        stack = combine_node(StandInControl(handle2), img, 0.6, 0.0, 1.0)
+        p, _ = apply_node(conditioning(), conditioning(), StandInControl(handle), img, 0.8, 0.0, 1.0,
+                          control_mode="prompt is more important", control_stack=stack)
+        c = p[0][1]["control"]
+        c.pre_run(fake_model(), s.percent_to_sigma)
+        x, t, cond = step_inputs(size=8)
+        runs.append(c.get_control(x, t, cond, 2, {"cond_or_uncond": [0, 1]}))
+    for a, b in zip(runs[0]["output"] + runs[0]["middle"], runs[1]["output"] + runs[1]["middle"]):
+        assert torch.equal(a, b)
+    # a ComfyUI-loaded ControlNet (default options) gets the same 3-channel hint
+    net = ForeignControl()
+    apply_node(conditioning(), conditioning(), net, image, 1.0, 0.0, 1.0)
+    assert net.calls[0].args[0] == torch.Size([1, 3, 64, 64])
 
 
 class ForeignControl:
