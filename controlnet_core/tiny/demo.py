@@ -145,15 +145,14 @@ def run_settings(models: DemoModels, hint: np.ndarray, prompt: str, *, second_hi
                  combined_prompt: str | None = None) -> dict[str, np.ndarray]:
     """Every demo setting -> uint8 images (len(seeds), H, W, 3), from uint8 (H, W, 3) hints."""
     cn = models.controlnet
-    hint2 = latent.hint_from_uint8(second_hint[None])
-    hint = latent.hint_from_uint8(hint[None])
+    first, second = latent.hint_from_uint8(hint[None]), latent.hint_from_uint8(second_hint[None])
     settings = {
         "no control": None,
-        "strength 0.5": Control(cn, hint, ControlSettings(strength=0.5)),
-        "strength 1.0": Control(cn, hint, ControlSettings(strength=1.0)),
-        "first half (end 0.5)": Control(cn, hint, ControlSettings(strength=1.0, end_percent=0.5)),
-        "two controls": ControlStack([Control(cn, hint, ControlSettings(strength=COMBINED_STRENGTH)),
-                                      Control(cn, hint2, ControlSettings(strength=COMBINED_STRENGTH))]),
+        "strength 0.5": Control(cn, first, ControlSettings(strength=0.5)),
+        "strength 1.0": Control(cn, first, ControlSettings(strength=1.0)),
+        "first half (end 0.5)": Control(cn, first, ControlSettings(strength=1.0, end_percent=0.5)),
+        "two controls": ControlStack([Control(cn, first, ControlSettings(strength=COMBINED_STRENGTH)),
+                                      Control(cn, second, ControlSettings(strength=COMBINED_STRENGTH))]),
     }
     out = {}
     for name, control in settings.items():
