@@ -33,19 +33,25 @@ def diffusers_unet_config(arch: str) -> dict:
     return c
 
 
-@pytest.fixture(scope="module", params=ARCHS)
-def pair(request):
+def unet_pair(arch: str, seed: int):
+    """(diffusers UNet2DConditionModel, our UNet) with the same random weights: ours randomised, then
+    written as a single-file checkpoint and converted by diffusers' own converter."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    arch = request.param
-    cfg = make_tiny_config(arch)
-    ours = UNet(cfg)
-    _randomize_(ours.named_parameters(), seed=10 + ARCHS.index(arch))
+    ours = UNet(make_tiny_config(arch))
+    _randomize_(ours.named_parameters(), seed=seed)
     dm = UNet2DConditionModel(**diffusers_unet_config(arch))
-    ldm = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}  # a single-file checkpoint
+    ldm = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
     dm.load_state_dict(convert_ldm_unet_checkpoint(ldm, dict(dm.config)), strict=True)
-    return arch, dm.eval(), ours.eval(), cfg
+    return dm.eval(), ours.eval()
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def pair(request):
+    arch = request.param
+    dm, ours = unet_pair(arch, seed=10 + ARCHS.index(arch))
+    return arch, dm, ours, make_tiny_config(arch)
 
 
 def test_real_sd15_unet_key_names():
