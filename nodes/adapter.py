@@ -266,7 +266,9 @@ def apply_control(
     plain = (control_mode, resize_mode, interpolation) == (DEFAULT_MODE, DEFAULT_RESIZE, DEFAULT_INTERPOLATION)
     # Grey and RGBA images are taken as the preprocessors take them (grey to RGB, alpha dropped), for
     # ComfyUI's own ControlNets too, which would fail on them (to_bchw; other channel counts: a sentence).
-    hint = to_bchw(image, control_net.handle.net.hint_channels if ours else 3)
+    # An image that already fits is passed on as ComfyUI's own apply node passes it (the same view).
+    channels = control_net.handle.net.hint_channels if ours else 3
+    hint = image.movedim(-1, 1) if image.shape[-1] == channels else to_bchw(image, channels)
 
     if not ours and plain and mask is None and not entries:
         def make():  # ComfyUI's own control object, applied as ControlNetApplyAdvanced does
