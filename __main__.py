@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: python -m comfyui_controlnet_core demo [--hint IMAGE] [--prompt TEXT] [--out DIR] [--steps N] [--seed S]
+USAGE = """usage: python -m comfyui_controlnet_core demo [--hint IMAGE [--hint2 IMAGE]] [--prompt TEXT] [--out DIR] ...
 
 commands:
   demo    sample the shipped tiny models with and without Canny control; writes PNGs and a contact sheet
-          (`python -m comfyui_controlnet_core demo --help` for all options)
+          (`python -m comfyui_controlnet_core demo --help`: every option with its default, how the hint
+          image is prepared, and the words the tiny text encoder knows)
 """
 
 

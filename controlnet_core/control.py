@@ -72,6 +72,8 @@ SOFT_BASE = 0.825
 WEIGHT_MODES = ("uniform", "soft", "diffusers", "paper")
 APPLY_TO = ("both", "cond-only")
 MAX_STRENGTH = 10.0
+# Hint images embedded at once, in pixels (4 hints of 512 x 512): bounds the hint encoder's working set.
+EMBED_CHUNK_PIXELS = 4 * 512 * 512
 
 # The modes users know, as (weights, apply_to). "guess mode" is lllyasviel's original name of what
 # A1111 calls "ControlNet is more important".
@@ -397,7 +399,12 @@ class Control:
             s = self.settings
             height, width = self.net.hint_size(h, w)
             hint = resize_hint(self.hint, height, width, s.resize, s.interpolation)
-            self._cache[key] = self.net.embed_hint(hint.to(device))
+            # A few hints at a time: the encoder's first layers work at the hint's full size (SD1.5: 16
+            # channels at 8x the latent, 1 GiB per activation for 64 hints at 512 px), so a big batch
+            # would peak at several GiB at once. The outputs are concatenated: the same embedding.
+            n = max(1, EMBED_CHUNK_PIXELS // (height * width))
+            parts = [self.net.embed_hint(hint[i : i + n].to(device)) for i in range(0, hint.shape[0], n)]
+            self._cache[key] = parts[0] if len(parts) == 1 else cat_tensors(parts)
         return self._cache[key]
 
     def _mask_at(self, h: int, w: int, device: torch.device, dtype: torch.dtype, batch: int, chunks: int) -> torch.Tensor:
@@ -557,6 +564,18 @@ def add_outputs(a: Outputs, b: Outputs) -> Outputs:
         y += [None] * (n - len(y))
         out[slot] = [q if p is None else p if q is None else p + q for p, q in zip(x, y)]
     return out
+
+
+def cat_tensors(parts: Sequence[Any]) -> Any:
+    """Parts of the same structure (a tensor, or a list/tuple/dict of them) concatenated along dim 0."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(parts))
+    if isinstance(first, (list, tuple)):
+        return type(first)(cat_tensors([p[i] for p in parts]) for i in range(len(first)))
+    if isinstance(first, Mapping):
+        return {k: cat_tensors([p[k] for p in parts]) for k in first}
+    return first
 
 
 def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], tree: Any) -> Any:

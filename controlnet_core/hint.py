@@ -38,7 +38,11 @@ INTERPOLATIONS = ("nearest-exact", "bilinear", "bicubic", "area")
 def to_bchw(image: torch.Tensor, channels: int = 3) -> torch.Tensor:
     """A validated float (B, C, H, W) copy of a hint batch given as (B, H, W, C) or (B, C, H, W).
 
-    When both readings fit (a 3-pixel-wide channel-first image), the ComfyUI layout wins.
+    For a model that takes RGB hints (`channels` 3), other images are taken as the preprocessors take
+    them: grey (1 channel) is copied to R, G and B; RGBA (4) drops its alpha channel and uses the
+    colour as stored (ComfyUI's Load Image likewise splits alpha off into a separate MASK). Other
+    channel counts are refused. A layout whose channel count is exactly `channels` is preferred; when
+    both readings fit, the ComfyUI layout (channels last) wins.
     """
     if not isinstance(image, torch.Tensor):
         raise InputError(f"the hint must be a torch tensor image batch; got {type(image).__name__}")
@@ -52,13 +56,24 @@ def to_bchw(image: torch.Tensor, channels: int = 3) -> torch.Tensor:
             f"the hint must be a float image in [0, 1]; got {image.dtype}; convert 8-bit images with "
             "image.float() / 255"
         )
+    takes = (channels, 1, 4) if channels == 3 else (channels,)
     if image.shape[-1] == channels:
         image = image.movedim(-1, 1)
-    elif image.shape[1] != channels:
+    elif image.shape[1] == channels:
+        pass
+    elif image.shape[-1] in takes:
+        image = image.movedim(-1, 1)
+    elif image.shape[1] not in takes:
+        got = image.shape[-1] if image.shape[-1] <= 4 else image.shape[1]
+        accepted = "grey (1), RGB (3) or RGBA (4, its alpha is dropped)" if channels == 3 else f"{channels}-channel"
         raise InputError(
-            f"the hint must have {channels} colour channels, last (B,H,W,C) or second (B,C,H,W); got shape "
-            f"{tuple(image.shape)}; drop an alpha channel with image[..., :3]"
+            f"the hint image has {got} channels (shape {tuple(image.shape)}); this control model takes "
+            f"{accepted} images: connect an image from Load Image or a ControlNet preprocessor"
         )
+    if image.shape[1] == 1 and channels == 3:
+        image = image.expand(-1, 3, -1, -1)
+    elif image.shape[1] == 4 and channels == 3:
+        image = image[:, :3]
     if image.shape[0] == 0 or image.shape[2] == 0 or image.shape[3] == 0:
         raise InputError(f"the hint batch is empty: shape {tuple(image.shape)}")
     if not torch.isfinite(image).all():

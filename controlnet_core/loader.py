@@ -49,7 +49,7 @@ from .formats import t2i_adapter as t2i_format
 from .formats import lllite as lllite_format
 from .formats.diffusers import diffusers_to_native, from_diffusers_config, native_to_diffusers, to_diffusers_config
 from .formats.files import (
-    Header, read_header, read_json, read_state_dict, tensor_names, write_pickle, write_safetensors,
+    Header, header_of, read_header, read_json, read_state_dict, tensor_names, write_pickle, write_safetensors,
 )
 from .formats.original import add_prefix, strip_prefix
 from .lllite import ControlNetLLLite
@@ -217,8 +217,8 @@ class _Reader:
 
     def cast(self, t: torch.Tensor) -> torch.Tensor:
         self.file_dtypes[t.dtype] += t.numel()
-        if t.is_floating_point() and self.dtype is not None:
-            return t.to(device=self.device, dtype=self.dtype)
+        if t.is_floating_point():
+            return t.to(device=self.device, dtype=self.dtype if self.dtype is not None else compute_dtype(t.dtype))
         return t.to(device=self.device)
 
     @property
@@ -281,15 +281,37 @@ def _detect_or_refuse(keys: Any, name: str) -> detect.Detected:
     return found
 
 
+def check_weight_dtypes(header: Header, name: str, found: detect.Detected) -> None:
+    """Every weight of a control model is a float (float32/16, bfloat16, float64; float8 is upcast on
+    load): an integer or bool tensor means a file quantised for another program, or a damaged one.
+    Asked from the header, so such a file is refused before its data is read."""
+    for key, info in header.items():
+        if info.dtype is None or not info.dtype.is_floating_point:
+            stored = info.stored or str(info.dtype)
+            raise LoadError(
+                f"{name}: the weight {key} is stored as {stored}, but the weights of {found.display} are "
+                "floating point (float16, bfloat16 or float32; float8 is upcast when loaded); the file is "
+                "quantised for another program or damaged: use a float16 or float32 version of the model"
+            )
+
+
+def compute_dtype(file_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype a model runs in when the caller keeps the file's (`dtype=None`): the file's own,
+    except float8, which torch cannot convolve in (2.13, CPU and CUDA): float16 then."""
+    if file_dtype is not None and file_dtype.itemsize == 1 and file_dtype.is_floating_point:
+        return torch.float16
+    return file_dtype
+
+
 def _read_source(src: Any, reader: _Reader, name: str | None) -> Source:
     if isinstance(src, dict):
         name = name or "state dict"
         found = _detect_or_refuse(src.keys(), name)
-        sd = {}
         for k, v in src.items():
             if not isinstance(v, torch.Tensor):
                 raise LoadError(f"{name}: value of {k!r} is a {type(v).__name__}, not a tensor")
-            sd[k] = reader.cast(v)
+        check_weight_dtypes(header_of(src), name, found)
+        sd = {k: reader.cast(v) for k, v in src.items()}
         return Source(sd, {}, None, name, found, reader.checkpoint_dtype)
     path = Path(os.fspath(src))
     name = name or path.name
@@ -298,6 +320,7 @@ def _read_source(src: Any, reader: _Reader, name: str | None) -> Source:
     def check(header: Header) -> None:
         if not seen:  # a sharded folder: the first shard tells the family
             seen.append(_detect_or_refuse(header.keys(), name))
+        check_weight_dtypes(header, name, seen[0])
 
     if path.is_dir():
         files, config_path = _diffusers_folder(path, reader.dtype)
@@ -445,14 +468,15 @@ def load_controlnet(
 ) -> Any:
     """Load a control model of any supported family from a file, a diffusers folder or a state dict.
 
-    `dtype=None` keeps the checkpoint's own dtype. `ops` is a host layer namespace (ComfyUI's
+    `dtype=None` keeps the checkpoint's own dtype (float8 files: float16, see `compute_dtype`). `ops` is a host layer namespace (ComfyUI's
     `comfy.ops.*`). `config` overrides the inferred architecture (checked against the shapes).
     The returned model carries `source_name`, `source_format` (the layout) and `checkpoint_dtype`.
     """
     reader = _Reader(device, dtype)
     source = _read_source(src, reader, name)
     family = FAMILY_LOADERS[source.detected.family]
-    model = family.load(source, device, dtype if dtype is not None else reader.checkpoint_dtype, ops, config)
+    model = family.load(source, device, dtype if dtype is not None else compute_dtype(reader.checkpoint_dtype), ops,
+                        config)
     model.source_name = source.name
     model.source_format = source.detected.layout
     model.checkpoint_dtype = reader.checkpoint_dtype

@@ -118,6 +118,17 @@ def resolve_model_path(name: Any) -> str:
     return full
 
 
+def file_signature(name: Any) -> str:
+    """The name, size and modification time of a model file (for ComfyUI's `IS_CHANGED`): it changes
+    when the file is replaced under the same name. A name that does not resolve gets just the name;
+    the load itself then says what is wrong."""
+    try:
+        st = os.stat(resolve_model_path(name))
+    except (ControlNetError, OSError, ImportError):
+        return repr(name)
+    return f"{name}|{st.st_size}|{st.st_mtime_ns}"
+
+
 def _dtype_and_devices() -> tuple[torch.dtype, Any, Any, bool]:
     """(compute dtype, load device, offload device, fp8 storage). ComfyUI's `--fp8_e4m3fn-unet`
     (and the like) asks for fp8 weight storage: the net is then loaded in the compute dtype and
@@ -295,7 +306,11 @@ def apply_control(
     ours = is_core_control(control_net)
     plain = (control_mode, resize_mode, interpolation, control_type) == (
         DEFAULT_MODE, DEFAULT_RESIZE, DEFAULT_INTERPOLATION, DEFAULT_CONTROL_TYPE)
-    hint = image.movedim(-1, 1)
+    # Grey and RGBA images are taken as the preprocessors take them (grey to RGB, alpha dropped), for
+    # ComfyUI's own ControlNets too, which would fail on them (to_bchw; other channel counts: a sentence).
+    # An image that already fits is passed on as ComfyUI's own apply node passes it (the same view).
+    channels = control_net.handle.net.hint_channels if ours else 3
+    hint = image.movedim(-1, 1) if image.shape[-1] == channels else to_bchw(image, channels)
 
     if not ours and plain and mask is None and not entries:
         def make():  # ComfyUI's own control object, applied as ControlNetApplyAdvanced does
@@ -353,6 +368,6 @@ def stack_entry(control_net: Any, image: Any, strength: float, start_percent: fl
 
 
 __all__ = [
-    "NetHolder", "apply_control", "check_conditioning", "control_class", "controlnet_names",
+    "NetHolder", "apply_control", "check_conditioning", "control_class", "controlnet_names", "file_signature",
     "is_core_control", "load_control", "resolve_model_path", "stack_entry",
 ]

@@ -65,6 +65,12 @@ class LoadControlNet:
     def load(self, control_net_name: str) -> tuple[Any]:
         return (adapter.load_control(control_net_name),)
 
+    @classmethod
+    def IS_CHANGED(cls, control_net_name: str) -> str:
+        # ComfyUI reuses a node's output while its inputs are the same; the file's size and modification
+        # time make a file replaced under the same name load anew on the next prompt.
+        return adapter.file_signature(control_net_name)
+
 
 def _param_widget(p: Any) -> tuple:
     opts: dict[str, Any] = {"default": p.default}

@@ -7,6 +7,11 @@ entry, in this order, and passes all of them to `run`; a method reads the ones i
 `Method.params` and ignores the rest. The order is part of saved workflows: never reorder or
 remove an entry, only append.
 
+Out-of-range values (what an API prompt can send past the widgets) are refused, never clamped: a
+number below `min` or above `max`, a NaN, or a value of the wrong kind raises a PreprocessorError
+that names the method, the parameter, its range and the value; `resolution` must be 16..16384 (the
+node's widget: 64..16384). Canny takes a high threshold below the low one as OpenCV does (swapped).
+
 Working resolution
 ------------------
 Methods that look at structure (edges, lines, cells) work on the image resized so its short side is

@@ -1,7 +1,8 @@
 """The pack inside a real ComfyUI, over HTTP, on the CPU.
 
 Runs only when COMFYUI_PATH points to a ComfyUI checkout (skipped otherwise). COMFYUI_PYTHON is
-the interpreter of that ComfyUI's venv (default: this interpreter). See nodes/README_SECTION.md.
+the interpreter of that ComfyUI's venv (default: this interpreter). See the README, "Tests in a
+real ComfyUI".
 
 What happens: a temporary base directory gets models/, input/, output/, user/ and custom_nodes/
 (the pack linked in), so nothing is written into the checkout. A random-weight SD1.5 checkpoint
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import test_workflows as tw
 
@@ -49,6 +51,9 @@ BROKEN = "broken_controlnet.safetensors"
 T2I = "t2iadapter_canny_sd15v2.pth"  # the name tests and the T2I example workflow use
 SDXL_T2I = "cncore_tiny_sdxl_t2i_adapter.safetensors"
 CLORA = "control_lora_rank128_v11p_sd15_canny_fp16.safetensors"  # the name the Control-LoRA workflow uses
+CKPT_AS_CN = "sd15_checkpoint_in_the_wrong_folder.safetensors"  # the 2 GB checkpoint, hard-linked
+QUANTISED = "int8_controlnet.safetensors"                       # an int8 weight: a dtype no ControlNet has
+SWAP = "replaced_controlnet.safetensors"                         # replaced on disk between prompts
 OUR_NODES = ("CNCore_LoadControlNet", "CNCore_Preprocessor", "CNCore_ApplyControlNet", "CNCore_CombineControls")
 
 # Runs in ComfyUI's interpreter: random weights into ComfyUI's own classes, saved in the layouts
@@ -245,6 +250,13 @@ def comfy(tmp_path_factory):
     (base / "make_t2i.py").write_text(MAKE_T2I)
     subprocess.run([COMFYUI_PYTHON, str(base / "make_t2i.py"), COMFYUI_PATH, str(cn_dir / T2I), str(cn_dir / SDXL_T2I)],
                    check=True, cwd=base, timeout=300)
+    os.link(cn_dir / CANNY, cn_dir / SWAP)
+    os.link(base / "models/checkpoints" / CKPT, cn_dir / CKPT_AS_CN)
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(cn_dir / SDXL_CN))
+    sd["input_blocks.1.0.in_layers.2.weight"] = sd["input_blocks.1.0.in_layers.2.weight"].to(torch.int8)
+    save_file(sd, str(cn_dir / QUANTISED))
     (cn_dir / BROKEN).write_bytes(b"\x00\x01not a safetensors file" * 10)
     yield from serve(base)
 
@@ -662,3 +674,96 @@ def test_comfyui_unloading_our_controlnet_drops_its_fast_path_state(tmp_path):
                           timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ON_DETACH released the runner" in done.stdout
+def _memory(pid: int) -> tuple[int, int]:
+    """(resident now, resident peak since the last `_reset_peak`) of a process, in bytes (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.startswith(("VmRSS", "VmHWM"))}
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def _reset_peak(pid: int) -> None:
+    with open(f"/proc/{pid}/clear_refs", "w") as f:  # "5": reset the peak resident size to the current one
+        f.write("5")
+
+
+def test_checkpoint_in_the_controlnet_folder_is_refused_without_reading_it(comfy):
+    """The 2.1 GB SD1.5 checkpoint under models/controlnet: refused from its header. Before the
+    header-first loader, ComfyUI's memory grew by 1.3-1.8 GB here (the file read and upcast)."""
+    _ok(comfy.run(graph("CNCore_ApplyControlNet", prefix="warm")))  # everything else loaded and cached
+    pid = comfy.proc.pid
+    _reset_peak(pid)
+    before, _ = _memory(pid)
+    err = _error(comfy.run(graph("CNCore_ApplyControlNet", cn_name=CKPT_AS_CN)))
+    after, peak = _memory(pid)
+    size = (comfy.base / "models" / "controlnet" / CKPT_AS_CN).stat().st_size
+    print(f"\n[memory] {size / 2**30:.2f} GiB checkpoint refused: ComfyUI resident {before / 2**20:.0f} MiB before, "
+          f"peak {peak / 2**20:.0f} MiB ({(peak - before) / 2**20:+.0f}), {after / 2**20:.0f} MiB after")
+    assert err["node_type"] == "CNCore_LoadControlNet"
+    assert f"{CKPT_AS_CN}: this is a full Stable Diffusion checkpoint" in err["exception_message"]
+    assert peak - before < 100 * 2**20
+    _ok(comfy.run(graph("CNCore_ApplyControlNet", prefix="after_ckpt", seed=13)))
+
+
+def test_int8_weights_are_named_with_key_and_dtype(comfy):
+    err = _error(comfy.run(graph("CNCore_ApplyControlNet", cn_name=QUANTISED)))
+    assert err["node_type"] == "CNCore_LoadControlNet"
+    assert (f"{QUANTISED}: the weight input_blocks.1.0.in_layers.2.weight is stored as I8, but the weights of "
+            "a ControlNet") in err["exception_message"]
+
+
+def test_a_file_replaced_under_the_same_name_is_loaded_anew(comfy):
+    cn_dir = comfy.base / "models" / "controlnet"
+    _ok(comfy.run(graph("CNCore_ApplyControlNet", cn_name=SWAP, prefix="swap_sd15")))
+    new = cn_dir / "incoming.part"  # not a model extension: never listed
+    shutil.copyfile(cn_dir / SDXL_CN, new)
+    os.replace(new, cn_dir / SWAP)  # an SDXL ControlNet now has the name the SD1.5 one had
+    err = _error(comfy.run(graph("CNCore_ApplyControlNet", cn_name=SWAP, prefix="swap_sdxl")))
+    assert "SDXL" in err["exception_message"] and "SD1.x" in err["exception_message"]
+    (cn_dir / SWAP).unlink()
+    os.link(cn_dir / CANNY, cn_dir / SWAP)
+    _ok(comfy.run(graph("CNCore_ApplyControlNet", cn_name=SWAP, prefix="swap_back")))
+
+
+def test_rgba_hint_in_apply_and_combine_drops_its_alpha(comfy):
+    """Join Image with Alpha makes a 4-channel IMAGE; Apply and Combine take its colour as stored, so
+    the image equals the one from the plain RGB picture, bit for bit."""
+    runs = {}
+    for key in ("rgb", "rgba"):
+        p = graph("CNCore_ApplyControlNet", prefix=f"alpha_{key}", seed=21, strength=0.8)
+        image = ["4", 0]
+        if key == "rgba":
+            p["14"] = {"class_type": "SolidMask", "inputs": {"value": 0.3, "width": 64, "height": 64}}
+            p["15"] = {"class_type": "JoinImageWithAlpha", "inputs": {"image": ["4", 0], "alpha": ["14", 0]}}
+            image = ["15", 0]
+        p["16"] = {"class_type": "CNCore_CombineControls", "inputs": {
+            "control_net": ["10", 0], "image": image, "strength": 0.5, "start_percent": 0.0, "end_percent": 1.0}}
+        p["11"]["inputs"].update(image=image, control_stack=["16", 0])
+        runs[key] = comfy.images(_ok(comfy.run(p)), "9")
+    assert _diff(runs["rgba"], runs["rgb"]) == 0
+
+
+def _preprocessed(**params) -> dict:
+    p = graph("CNCore_ApplyControlNet", prefix="pre")
+    widgets = {"low_threshold": 100, "high_threshold": 200, "auto_threshold": False, "blur": 0.0, "threshold": 0.5,
+               "sigma": 1.0, "contrast": 0.05, "thickness": 3, "drawn": False, "min_length": 0.03,
+               "detector": "auto", "downsample": 2.0, "grid": 8, "seed": 0}
+    p["5"] = {"class_type": "CNCore_Preprocessor", "inputs": {
+        "image": ["4", 0], "method": "canny", "resolution": 64, "pixel_perfect": False, **widgets, **params}}
+    p["11"]["inputs"]["image"] = ["5", 0]
+    return p
+
+
+@pytest.mark.parametrize("params", [{"resolution": 0}, {"resolution": 100000}, {"low_threshold": 300},
+                                    {"high_threshold": -1}, {"blur": 1000.0}])
+def test_preprocessor_values_out_of_range_are_refused_through_the_api(comfy, params):
+    code, body = comfy.queue(_preprocessed(**params))
+    assert code == 400, body  # ComfyUI checks the widget ranges before anything runs
+    (name,) = params
+    assert name in json.dumps(body.get("node_errors", {}))
+
+
+def test_preprocessor_nan_through_the_api_gets_our_sentence(comfy):
+    # NaN passes ComfyUI's range check (every comparison with NaN is false): the node answers
+    err = _error(comfy.run(_preprocessed(blur=float("nan"))))
+    assert err["node_type"] == "CNCore_Preprocessor"
+    assert "canny: parameter 'blur' must be a number; got nan" in err["exception_message"]

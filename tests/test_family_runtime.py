@@ -14,7 +14,7 @@ import torch
 from comfyui_controlnet_core.controlnet_core import loader
 from comfyui_controlnet_core.controlnet_core.config import SD15
 from comfyui_controlnet_core.controlnet_core.control import Control, ControlSettings, ControlStack, residual_weights
-from comfyui_controlnet_core.controlnet_core.errors import InputError, LoadError
+from comfyui_controlnet_core.controlnet_core.errors import InputError, LoadError, UnsupportedFamilyError
 from comfyui_controlnet_core.controlnet_core.host import StepRequest, control_dict, unet_control
 from comfyui_controlnet_core.controlnet_core.model import ControlNet
 from comfyui_controlnet_core.controlnet_core.unet import UNet
@@ -170,11 +170,33 @@ def test_stack_refuses_models_for_different_base_models():
 
 # ------------------------------------------------------------------ loader dispatch, header first
 
-def test_wrong_kind_of_file_is_refused_from_its_header_without_reading_tensors(tmp_path, monkeypatch):
-    sd = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
-          "first_stage_model.encoder.conv_in.weight": torch.zeros(128, 3, 3, 3)}
-    safetensors.torch.save_file(sd, tmp_path / "sd15.safetensors")
-    torch.save(sd, tmp_path / "sd15.ckpt")
+WRONG_KINDS = {  # real key names of each kind of file (a few per file suffice for detection)
+    "full SD checkpoint": ({"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+                            "first_stage_model.encoder.conv_in.weight": (128, 3, 3, 3)},
+                           LoadError, "this is a full Stable Diffusion checkpoint"),
+    "VAE": ({"encoder.conv_in.weight": (128, 3, 3, 3), "decoder.conv_in.weight": (512, 4, 3, 3)},
+            LoadError, "this is a VAE, not a ControlNet"),
+    "LoRA": ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320),
+              "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": ()},
+             LoadError, "this is a LoRA, not a ControlNet"),
+    "text encoder": ({"text_model.embeddings.token_embedding.weight": (49408, 8),
+                      "text_model.encoder.layers.0.mlp.fc1.weight": (32, 8)},
+                     LoadError, "this is a text encoder"),
+    "unsupported family": ({"controlnet_blocks.0.weight": (8, 8), "pos_embed_input.proj.weight": (8, 16, 2, 2)},
+                           UnsupportedFamilyError, "this is an SD3 / SD3.5 ControlNet; that family is recognised but"),
+}
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+@pytest.mark.parametrize("kind", list(WRONG_KINDS))
+def test_wrong_kind_of_file_is_refused_from_its_header_without_reading_tensors(tmp_path, monkeypatch, kind, suffix):
+    shapes, error, words = WRONG_KINDS[kind]
+    sd = {k: torch.zeros(s) for k, s in shapes.items()}
+    path = tmp_path / ("wrong" + suffix)
+    if suffix == ".safetensors":
+        safetensors.torch.save_file(sd, path)
+    else:
+        torch.save(sd, path)  # torch's zip format: read memory-mapped, names first
 
     def no_reading(*a, **k):
         raise AssertionError("tensor data was read")
@@ -182,14 +204,12 @@ def test_wrong_kind_of_file_is_refused_from_its_header_without_reading_tensors(t
     import safetensors as st
 
     monkeypatch.setattr(st, "safe_open", no_reading)
-    with pytest.raises(LoadError, match="sd15.safetensors: this is a full Stable Diffusion checkpoint"):
-        loader.load_controlnet(tmp_path / "sd15.safetensors")
     read = []
     real_cast = loader._Reader.cast
     monkeypatch.setattr(loader._Reader, "cast", lambda self, t: read.append(1) or real_cast(self, t))
-    with pytest.raises(LoadError, match="sd15.ckpt: this is a full Stable Diffusion checkpoint"):
-        loader.load_controlnet(tmp_path / "sd15.ckpt")
-    assert read == []  # mmap'd zip checkpoint: names seen, nothing cast
+    with pytest.raises(error, match=f"wrong{suffix}: {words}"):
+        loader.load_controlnet(path)
+    assert read == []  # names seen, nothing read or cast
 
 
 def test_inspect_reads_family_arch_and_layout_from_the_header(tmp_path):

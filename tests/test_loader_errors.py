@@ -213,3 +213,50 @@ def test_sdxl_net_with_sd15_context(nets):
         net(inp.x, inp.hint, inp.t, torch.zeros(1, 77, 768), y=inp.y)
     with pytest.raises(InputError, match=r"needs the SDXL `y` vector"):
         net(inp.x, inp.hint, inp.t, inp.context)
+
+
+# ------------------------------------------------------------------ dtypes a ControlNet never has
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.int32, torch.uint8])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_integer_or_bool_weights_are_named_from_the_header(tmp_path, tiny_sd, dtype, suffix, monkeypatch):
+    from comfyui_controlnet_core.controlnet_core import loader
+
+    sd = dict(tiny_sd)
+    key = "input_blocks.1.1.proj_out.weight"
+    sd[key] = sd[key].to(dtype)
+    path = tmp_path / ("quantised" + suffix)
+    (save_file if suffix == ".safetensors" else lambda d, p: torch.save(d, p))(sd, str(path))
+    read = []
+    real_cast = loader._Reader.cast
+    monkeypatch.setattr(loader._Reader, "cast", lambda self, t: read.append(1) or real_cast(self, t))
+    stored = {torch.int8: "I8", torch.bool: "BOOL", torch.int32: "I32", torch.uint8: "U8"}[dtype]
+    if suffix == ".pth":
+        stored = str(dtype).removeprefix("torch.")
+    with pytest.raises(LoadError, match=rf"quantised{suffix}: the weight {key} is stored as {stored}, but the "
+                                        r"weights of a ControlNet \(v1.1 layout\) are floating point .*use a float16 "
+                                        "or float32 version"):
+        load_controlnet(path)
+    assert read == []  # refused from the header: no tensor was read or cast
+    # the same tensors handed over as a state dict get the same sentence
+    with pytest.raises(LoadError, match=rf"cn: the weight {key} is stored as {str(dtype).removeprefix('torch.')}"):
+        load_controlnet(sd, name="cn")
+
+
+@pytest.mark.parametrize("f8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_files_are_upcast_to_the_compute_dtype(tmp_path, f8):
+    """torch 2.13 has no float8 convolution (CPU: "slow_conv2d_cpu" not implemented), so a float8 file
+    is upcast: to the dtype asked for, or float16 when the caller keeps the file's (dtype=None)."""
+    net = random_controlnet(make_tiny_config("sd15"), seed=1)
+    save_controlnet(net, tmp_path / "cn_f8.safetensors", dtype=f8)
+    rounded = {k: v.to(f8).to(torch.float32) for k, v in net.state_dict().items()}  # what float8 keeps
+    got = load_controlnet(tmp_path / "cn_f8.safetensors", dtype=torch.float32)
+    assert got.checkpoint_dtype == f8 and got.dtype == torch.float32
+    assert all(torch.equal(v, rounded[k]) for k, v in got.state_dict().items())
+    kept = load_controlnet(tmp_path / "cn_f8.safetensors", dtype=None)
+    assert kept.dtype == torch.float16 and all(v.dtype == torch.float16 for v in kept.state_dict().values())
+    inp = make_inputs(kept.config, batch=1)
+    with torch.no_grad():
+        want = got(inp.x, inp.hint, inp.t, inp.context)
+        down, mid = kept(inp.x.half(), inp.hint.half(), inp.t, inp.context.half())
+    assert all(((a.float() - b).norm() / b.norm()) < 1e-2 for a, b in zip([*down, mid], [*want[0], want[1]]))

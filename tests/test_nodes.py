@@ -163,6 +163,36 @@ def test_model_names_outside_the_folders_are_refused(name):
     assert "Traceback" not in msg
 
 
+def test_loader_node_sees_a_file_replaced_under_the_same_name(tmp_path, monkeypatch):
+    """ComfyUI reuses the loader's output while IS_CHANGED returns the same value: it must change when
+    another ControlNet is written under the same name, and stay put otherwise."""
+    import os
+
+    from comfyui_controlnet_core.controlnet_core.loader import save_controlnet
+
+    folder = tmp_path / "controlnet"
+    folder.mkdir()
+    fake = SimpleNamespace(
+        get_full_path=lambda kind, name: str(folder / name) if (folder / name).is_file() else None,
+        get_folder_paths=lambda kind: [str(folder)],
+    )
+    monkeypatch.setitem(sys.modules, "folder_paths", fake)
+    node = NODE_CLASS_MAPPINGS["CNCore_LoadControlNet"]
+    path = folder / "cn.safetensors"
+    save_controlnet(random_controlnet(make_tiny_config("sd15"), seed=0), path)
+    os.utime(path, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+    first = node.IS_CHANGED("cn.safetensors")
+    assert node.IS_CHANGED("cn.safetensors") == first  # same file: the cached output is reused
+    save_controlnet(random_controlnet(make_tiny_config("sdxl"), seed=1), path)  # another net, same name
+    os.utime(path, ns=(1_700_000_100_000_000_000, 1_700_000_100_000_000_000))
+    assert node.IS_CHANGED("cn.safetensors") != first
+    os.utime(path, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))  # even with the old time
+    assert node.IS_CHANGED("cn.safetensors") != first  # (the size differs)
+    # names that do not resolve do not raise here: the load itself answers with its sentence
+    assert node.IS_CHANGED("missing.safetensors") == "'missing.safetensors'"
+    assert node.IS_CHANGED("../x.pth") == "'../x.pth'"
+
+
 # ------------------------------------------------------------------------------------------
 # the control protocol on a stand-in host
 
@@ -490,7 +520,8 @@ def test_apply_with_strength_zero_returns_the_conditioning_unchanged(handle):
     (dict(positive_width=2048), "made for SD1.x models .* conditioning comes from SDXL"),
     (dict(strength=11.0), "strength 11 is out of range"),
     (dict(start=0.8, end=0.2), "start_percent 0.8 is after end_percent 0.2"),
-    (dict(image=torch.rand(1, 64, 64, 4)), "colour channels"),
+    (dict(image=torch.rand(1, 64, 64, 2)), r"the hint image has 2 channels .* takes grey \(1\), RGB \(3\) or RGBA "
+                                           r"\(4, its alpha is dropped\) images: connect an image from Load Image"),
     (dict(image=torch.rand(64, 64, 3)), "IMAGE batch"),
     (dict(mask=torch.rand(1, 1, 8, 8, 2)), "mask must be"),
     (dict(mask=torch.full((1, 8, 8), 2.0)), "values from 0 to 1"),
@@ -504,6 +535,33 @@ def test_apply_refuses_bad_input_with_a_sentence(handle, kwargs, pattern):
     with pytest.raises(InputError, match=pattern):
         apply_node(conditioning(width), conditioning(width), StandInControl(handle), args["image"], args["strength"],
                    args["start"], args["end"], **kwargs)
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_apply_and_combine_take_grey_and_rgba_images_as_the_preprocessors_do(handle, handle2, channels):
+    """Grey is copied to R, G and B; RGBA drops its alpha (the colour as stored, however transparent)."""
+    s = Sampling()
+    rgb = hint_image(seed=6)
+    if channels == 1:
+        rgb = rgb[..., :1].expand(-1, -1, -1, 3)
+        image = rgb[..., :1].clone()
+    else:
+        image = torch.cat([rgb, torch.rand(1, 64, 64, 1)], dim=-1)  # a varying alpha must not matter
+    runs = []
+    for img in (image, rgb):
+        stack = combine_node(StandInControl(handle2), img, 0.6, 0.0, 1.0)
+        p, _ = apply_node(conditioning(), conditioning(), StandInControl(handle), img, 0.8, 0.0, 1.0,
+                          control_mode="prompt is more important", control_stack=stack)
+        c = p[0][1]["control"]
+        c.pre_run(fake_model(), s.percent_to_sigma)
+        x, t, cond = step_inputs(size=8)
+        runs.append(c.get_control(x, t, cond, 2, {"cond_or_uncond": [0, 1]}))
+    for a, b in zip(runs[0]["output"] + runs[0]["middle"], runs[1]["output"] + runs[1]["middle"]):
+        assert torch.equal(a, b)
+    # a ComfyUI-loaded ControlNet (default options) gets the same 3-channel hint
+    net = ForeignControl()
+    apply_node(conditioning(), conditioning(), net, image, 1.0, 0.0, 1.0)
+    assert net.calls[0].args[0] == torch.Size([1, 3, 64, 64])
 
 
 class ForeignControl:
@@ -585,28 +643,53 @@ def test_stacking_controlnets_of_different_families_is_refused(handle):
 # ------------------------------------------------------------------------------------------
 # preprocessor node
 
-def test_preprocessor_node_returns_the_same_hint_as_the_library():
+def crafted_image(batch=2, h=40, w=52) -> torch.Tensor:
+    """A ComfyUI IMAGE whose pixels are whole grey levels: dark ground, a bright square, a mid bar."""
+    img = torch.full((batch, h, w, 3), 30 / 255)
+    img[:, 8:24, 10:26] = 220 / 255
+    img[:, 28:34, 4:48] = torch.tensor([200, 120, 40]) / 255
+    if batch > 1:
+        img[1] = img[1].flip(1)  # the frames differ
+    return img
+
+
+def test_preprocessor_node_output_is_opencv_canny_of_the_image():
+    import cv2
+    import numpy as np
+
     node = NODE_CLASS_MAPPINGS["CNCore_Preprocessor"]()
-    defaults = {p.name: p.default for p in pp.PARAMS}
-    image = hint_image(batch=2, h=40, w=52)
-    (hint,) = node.run(image, "canny", 64, False, **defaults)
-    ref = pp.run("canny", image.numpy(), resolution=64, **{k: defaults[k] for k in pp.get_method("canny").params})
-    assert hint.shape == (2, 40, 52, 3) and hint.dtype == torch.float32
-    torch.testing.assert_close(hint, torch.from_numpy(ref))
-    assert 0 < hint.mean() < 1
+    params = {p.name: p.default for p in pp.PARAMS} | {"low_threshold": 50, "high_threshold": 150}
+    image = crafted_image()
+    (hint,) = node.run(image, "canny", 40, False, **params)  # resolution = the short side: no resampling
+    assert hint.shape == (2, 40, 52, 3) and hint.dtype == torch.float32 and hint.device == image.device
+    for i in range(2):
+        u8 = (image[i].numpy() * 255).round().astype(np.uint8)
+        edges = cv2.Canny(cv2.cvtColor(u8, cv2.COLOR_RGB2GRAY), 50, 150)  # white (255) on black
+        assert edges.any() and (edges == 0).any()
+        want = torch.from_numpy(edges).float().div(255)[..., None].expand(-1, -1, 3)
+        assert torch.equal(hint[i], want)
+    # pixel-wise methods: invert is 1 - x, threshold is BT.601 luma >= t, at the input size whatever
+    # the resolution widget says
+    (inv,) = node.run(image, "invert", 512, False, **params)
+    assert torch.equal(inv, 1 - image)
+    (thr,) = node.run(image, "threshold", 512, False, **(params | {"threshold": 0.5}))
+    luma = 0.299 * image[..., 0] + 0.587 * image[..., 1] + 0.114 * image[..., 2]
+    assert torch.equal(thr, (luma >= 0.5).float()[..., None].expand(-1, -1, -1, 3))
 
 
 def test_preprocessor_pixel_perfect_takes_the_size_from_the_latent():
     node = NODE_CLASS_MAPPINGS["CNCore_Preprocessor"]()
     defaults = {p.name: p.default for p in pp.PARAMS}
-    image = hint_image(h=40, w=40)
+    image = crafted_image(batch=1, h=40, w=40)
     with pytest.raises(pp.PreprocessorError, match="connect your latent"):
         node.run(image, "canny", 64, True, **defaults)
     latent = {"samples": torch.zeros(1, 4, 12, 12)}
     (hint,) = node.run(image, "canny", 64, True, latent=latent, **defaults)
-    ref = pp.run("canny", image.numpy(), resolution=64, pixel_perfect=True, target_hw=(96, 96),
-                 **{k: defaults[k] for k in pp.get_method("canny").params})
-    torch.testing.assert_close(hint, torch.from_numpy(ref))
+    # by hand: a 12x12 latent is 96x96 px; the 40x40 image covers it at scale 96/40, i.e. it is worked
+    # on at a short side of 96 px (the resolution widget's 64 is ignored)
+    (want,) = node.run(image, "canny", 96, False, **defaults)
+    (ignored,) = node.run(image, "canny", 64, False, **defaults)
+    assert torch.equal(hint, want) and not torch.equal(hint, ignored)
     with pytest.raises(pp.PreprocessorError, match="unknown preprocessor"):
         node.run(image, "nope", 64, False, **defaults)
 

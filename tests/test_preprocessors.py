@@ -152,13 +152,22 @@ def test_canny_equals_cv2_canny_on_the_same_blurred_input(low, high, blur):
     np.testing.assert_array_equal(hint[0], np.repeat(ref[..., None], 3, -1) / np.float32(255))
 
 
-def test_canny_auto_threshold_uses_the_median():
-    img = photo(96, 128)
-    gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
-    med = float(np.median(gray))
-    ref = cv2.Canny(gray, max(0.0, 0.67 * med), min(255.0, 1.33 * med))
-    hint = run("canny", img, resolution=96, auto_threshold=True, low_threshold=0, high_threshold=1)
-    np.testing.assert_array_equal(hint[0, ..., 0], ref / np.float32(255))
+def test_canny_auto_thresholds_on_a_crafted_image():
+    """Grey 100 on 64 of 96 columns, a band of 132 and a band of 135 on 16 columns each: the median is
+    100, so the automatic thresholds are (1 - 0.33) x 100 = 67 and (1 + 0.33) x 100 = 133. OpenCV's
+    Canny (3x3 Sobel, L1 gradient) sees 4 x 32 = 128 across the 100|132 steps (below 133, and connected
+    to nothing stronger: no edge) and 4 x 35 = 140 across the 100|135 step (an edge)."""
+    img = np.full((96, 96, 3), 100, np.uint8)
+    img[:, 48:64] = 132
+    img[:, 80:96] = 135
+    hint = run("canny", img, resolution=96, auto_threshold=True, low_threshold=0, high_threshold=1)[0, ..., 0]
+    cols = np.flatnonzero(hint.any(axis=0))
+    assert set(cols) <= {79, 80} and len(cols) > 0  # the 100|135 step only
+    assert not hint[:, 40:72].any()  # nothing at the 100|132 steps
+    gray = img[..., 0]
+    np.testing.assert_array_equal(hint, cv2.Canny(gray, 67.0, 133.0) / np.float32(255))
+    # thresholds a little lower would take the 128 steps too: the test can tell them apart
+    assert cv2.Canny(gray, 60.0, 125.0)[:, 40:72].any()
 
 
 # ------------------------------------------------------------------------ pixel-wise utilities
@@ -429,6 +438,37 @@ def test_bad_method_and_parameters_are_named():
     with pytest.raises(PreprocessorError, match="canny\\(\\) takes a uint8 image"):
         P.canny(img.astype(np.float32))
     assert issubclass(PreprocessorError, ValueError)
+
+
+def _method_using(param: str) -> str:
+    return next(m for m in P.METHODS.values() if param in m.params).name
+
+
+@pytest.mark.parametrize("param", [p for p in P.PARAMS if p.kind in ("int", "float")], ids=lambda p: p.name)
+def test_every_number_outside_its_range_is_refused_never_clamped(param):
+    """What an API prompt can send past the widgets: below min, above max, NaN; each is a sentence that
+    names the method, the parameter, its range and the value."""
+    img = photo(32, 32)
+    method = _method_using(param.name)
+    for value in (param.min - 1, param.max + 1):
+        value = int(value) if param.kind == "int" else float(value)
+        with pytest.raises(PreprocessorError, match=rf"{method}: parameter '{param.name}' must be between "
+                                                    rf"{param.min} and {param.max}; got {value!r}"):
+            run(method, img, resolution=32, **{param.name: value})
+    with pytest.raises(PreprocessorError, match=rf"'{param.name}' must be (a number|a whole number); got nan"):
+        run(method, img, resolution=32, **{param.name: float("nan")})
+
+
+@pytest.mark.parametrize("resolution", [0, -512, 15, 16385, 100000])
+def test_resolution_outside_16_to_16384_is_refused(resolution):
+    with pytest.raises(PreprocessorError, match=rf"resolution {resolution} is out of range; use 16 to 16384 pixels"):
+        run("canny", photo(32, 32), resolution=resolution)
+
+
+def test_canny_thresholds_given_high_below_low_are_swapped_as_opencv_does():
+    img = photo(64, 64)
+    np.testing.assert_array_equal(run("canny", img, resolution=64, low_threshold=200, high_threshold=100),
+                                  run("canny", img, resolution=64, low_threshold=100, high_threshold=200))
 
 
 # -------------------------------------------------------------------- weights (future methods)

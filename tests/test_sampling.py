@@ -13,7 +13,7 @@ from comfyui_controlnet_core.controlnet_core.sampler import sample
 from comfyui_controlnet_core.controlnet_core.schedule import DiscreteSchedule
 from comfyui_controlnet_core.controlnet_core.unet import UNet
 from helpers_models import make_tiny_config, random_controlnet, rel_err
-from test_unet import diffusers_unet_config, diffusers_unet_to_native, _randomize_
+from test_unet import unet_pair
 
 SIZE = 16
 
@@ -56,15 +56,9 @@ def test_percent_to_sigma_follows_comfyui():
 
 @pytest.fixture(scope="module")
 def models():
-    from diffusers import UNet2DConditionModel
-
     cfg = make_tiny_config("sd15")
-    dm = UNet2DConditionModel(**diffusers_unet_config("sd15"))
-    _randomize_(dm.named_parameters(), seed=21)
-    dm.eval()
-    unet = UNet(cfg)
-    unet.load_state_dict(diffusers_unet_to_native(dm.state_dict(), cfg))
-    return cfg, unet.eval(), dm, random_controlnet(cfg, seed=22)
+    dm, unet = unet_pair("sd15", seed=21)
+    return cfg, unet, dm, random_controlnet(cfg, seed=22)
 
 
 def _inputs(cfg, batch=2):

@@ -83,6 +83,9 @@ def test_base_then_controlnet_learn_and_zero_convs_leave_zero(batch):
     opt = torch.optim.AdamW(cn.parameters(), lr=1e-3)
     cn_eval = lambda g: train.controlnet_loss(cn, unet, context, diffusion, x0, hint, g)  # noqa: E731
     before = fixed_loss(cn_eval)
+    # the paper's starting point: with zero convs the ControlNet adds nothing, so its loss is the base
+    # model's at the same noise and timesteps, exactly
+    assert before == fixed_loss(lambda g: train.base_loss(unet, text, diffusion, x0, tokens, g))
     for step in range(20):
         loss = train.controlnet_loss(cn, unet, context, diffusion, x0, hint)
         opt.zero_grad()
@@ -92,7 +95,8 @@ def test_base_then_controlnet_learn_and_zero_convs_leave_zero(batch):
             assert all(c.weight.grad.abs().sum() > 0 for c in zero_convs[:-1])
         opt.step()
     after = fixed_loss(cn_eval)
-    assert after < before, (before, after)
+    # measured 0.2962 -> 0.2822 (-4.7 %) in 20 steps at lr 1e-3; a stalled or broken stage stays above -3 %
+    assert after < 0.97 * before, (before, after)
     # every zero conv, and the hint encoder's last conv (whose gradient needs the zero convs to
     # have moved first), has left zero
     assert all(c.weight.abs().sum() > 0 for c in zero_convs)

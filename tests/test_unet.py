@@ -2,8 +2,10 @@
 
 Residuals go in the two ways the hosts take them: diffusers' `down_block_additional_residuals` /
 `mid_block_additional_residual`, and our (ComfyUI's) popped `{"input", "middle", "output"}` dict.
-The key mapping below is written for this test from diffusers' block structure (up_blocks.L is the
-decoder level from the deepest up; L*(n+1)+j numbers the flat LDM `output_blocks`).
+The weights go from ours to diffusers through diffusers' own single-file converter
+(`diffusers.loaders.single_file_utils.convert_ldm_unet_checkpoint`, what `from_single_file` uses on
+real SD checkpoints), so no key table of ours is involved: a wrong name on our side fails the strict
+load, a wrong placement fails the numbers.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import pytest
 import torch
 
 from comfyui_controlnet_core.controlnet_core.errors import InputError
-from comfyui_controlnet_core.controlnet_core.formats.diffusers import _RESNET_BACK, Layout, _prefix_table, _rename
 from comfyui_controlnet_core.controlnet_core.host import unet_control
 from comfyui_controlnet_core.controlnet_core.unet import UNet
 from helpers_models import _randomize_, diffusers_config, make_inputs, make_tiny_config, random_controlnet, rel_err
@@ -32,39 +33,46 @@ def diffusers_unet_config(arch: str) -> dict:
     return c
 
 
-def diffusers_unet_to_native(sd: dict, cfg) -> dict:
-    layout = Layout.from_config(cfg)
-    table = {d: (n, r) for n, d, r in _prefix_table(layout)
-             if not n.startswith(("zero_convs", "input_hint_block", "middle_block_out"))}
-    nrb, levels = cfg.num_res_blocks, len(cfg.channel_mult)
-    for L in range(levels):
-        level = levels - 1 - L
-        for j in range(nrb + 1):
-            idx = L * (nrb + 1) + j
-            table[f"up_blocks.{L}.resnets.{j}"] = (f"output_blocks.{idx}.0", True)
-            table[f"up_blocks.{L}.attentions.{j}"] = (f"output_blocks.{idx}.1", False)
-        if level > 0:
-            pos = 2 if cfg.transformer_depth[level] else 1
-            table[f"up_blocks.{L}.upsamplers.0.conv"] = (f"output_blocks.{L * (nrb + 1) + nrb}.{pos}.conv", False)
-    table["conv_norm_out"] = ("out.0", False)
-    table["conv_out"] = ("out.2", False)
-    out, unmapped = _rename(sd, table, _RESNET_BACK)
-    assert not unmapped, unmapped[:5]
-    return out
+def unet_pair(arch: str, seed: int):
+    """(diffusers UNet2DConditionModel, our UNet) with the same random weights: ours randomised, then
+    written as a single-file checkpoint and converted by diffusers' own converter."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    ours = UNet(make_tiny_config(arch))
+    _randomize_(ours.named_parameters(), seed=seed)
+    dm = UNet2DConditionModel(**diffusers_unet_config(arch))
+    ldm = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
+    dm.load_state_dict(convert_ldm_unet_checkpoint(ldm, dict(dm.config)), strict=True)
+    return dm.eval(), ours.eval()
 
 
 @pytest.fixture(scope="module", params=ARCHS)
 def pair(request):
-    from diffusers import UNet2DConditionModel
-
     arch = request.param
-    dm = UNet2DConditionModel(**diffusers_unet_config(arch))
-    _randomize_(dm.named_parameters(), seed=10 + ARCHS.index(arch))
-    dm.eval()
-    cfg = make_tiny_config(arch)
-    ours = UNet(cfg)
-    ours.load_state_dict(diffusers_unet_to_native(dm.state_dict(), cfg), strict=True)
-    return arch, dm.eval(), ours.eval(), cfg
+    dm, ours = unet_pair(arch, seed=10 + ARCHS.index(arch))
+    return arch, dm, ours, make_tiny_config(arch)
+
+
+def test_real_sd15_unet_key_names():
+    """Our UNet at the SD1.5 config has exactly the key names of v1-5-pruned-emaonly's UNet
+    (model.diffusion_model.*, 686 tensors), spot-checked against names written out by hand."""
+    from comfyui_controlnet_core.controlnet_core.config import SD15
+
+    with torch.device("meta"):
+        keys = set(UNet(SD15).state_dict())
+    assert len(keys) == 686
+    for k in ("time_embed.0.weight", "time_embed.2.bias", "input_blocks.0.0.weight",
+              "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight", "input_blocks.1.1.proj_in.weight",
+              "input_blocks.3.0.op.weight", "input_blocks.4.0.skip_connection.weight",
+              "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight", "input_blocks.11.0.out_layers.3.bias",
+              "middle_block.0.in_layers.0.weight", "middle_block.1.transformer_blocks.0.ff.net.0.proj.weight",
+              "middle_block.2.emb_layers.1.weight", "output_blocks.2.1.conv.weight",
+              "output_blocks.5.2.conv.weight", "output_blocks.8.2.conv.weight",
+              "output_blocks.11.1.transformer_blocks.0.norm3.weight", "output_blocks.0.0.skip_connection.weight",
+              "out.0.weight", "out.2.bias"):
+        assert k in keys, k
+    assert not any(k.startswith(("zero_convs", "input_hint_block", "middle_block_out")) for k in keys)
 
 
 def _random_residuals(cfg, inp, seed=3):

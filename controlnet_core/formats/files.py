@@ -39,6 +39,7 @@ class TensorInfo:
 
     shape: tuple[int, ...]
     dtype: torch.dtype | None  # None: a dtype torch does not know
+    stored: str = ""           # the dtype as the file names it ("F16", "I8", "float16", ...), for messages
 
 
 Header = dict[str, TensorInfo]
@@ -93,7 +94,8 @@ def _safetensors_header(path: Path) -> tuple[Header, dict[str, str]]:
             start, end = entry["data_offsets"]
             if not 0 <= start <= end <= size - 8 - n:
                 raise ValueError(f"{key} lies beyond the end of the file")
-            header[key] = TensorInfo(tuple(int(d) for d in entry["shape"]), _ST_DTYPES.get(entry["dtype"]))
+            dtype = str(entry["dtype"])
+            header[key] = TensorInfo(tuple(int(d) for d in entry["shape"]), _ST_DTYPES.get(dtype), dtype)
     except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
         raise LoadError(
             f"{name}: cannot read it as a .safetensors file ({e}); the file is probably truncated or "
@@ -177,7 +179,7 @@ def _unwrap(obj: object, name: str, cast: Cast, check: Check | None = None) -> S
     # here: `check` sees names, shapes and dtypes before `cast` reads any data.
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if check is not None:
-        check({k: TensorInfo(tuple(v.shape), v.dtype) for k, v in tensors.items()})
+        check(header_of(tensors))
     return {k: cast(v) for k, v in tensors.items()}
 
 
@@ -193,6 +195,11 @@ def tensor_names(path: str | os.PathLike) -> list[str]:
         return [str(k) for k in raw if k != "__metadata__"] if isinstance(raw, dict) else []
     except (OSError, ValueError, struct.error):
         return []
+
+
+def header_of(tensors: dict[str, torch.Tensor]) -> Header:
+    """The header of tensors already in memory (a state dict handed to the loader, a pickle)."""
+    return {k: TensorInfo(tuple(v.shape), v.dtype, str(v.dtype).removeprefix("torch.")) for k, v in tensors.items()}
 
 
 def read_state_dict(
