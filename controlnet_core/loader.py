@@ -286,6 +286,8 @@ def check_weight_dtypes(header: Header, name: str, found: detect.Detected) -> No
     load): an integer or bool tensor means a file quantised for another program, or a damaged one.
     Asked from the header, so such a file is refused before its data is read."""
     for key, info in header.items():
+        if 0 in info.shape:  # an empty marker (Control-LoRA's `lora_controlnet`) holds no weight
+            continue
         if info.dtype is None or not info.dtype.is_floating_point:
             stored = info.stored or str(info.dtype)
             raise LoadError(

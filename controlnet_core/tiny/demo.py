@@ -23,6 +23,7 @@ latent size as for SD's ControlNets. See docs/training.md.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from ..control import Control, ControlSettings, ControlStack
 from .data import BUILTIN_SCENES, CANNY_HIGH, CANNY_LOW, IMAGE_SIZE, batch_edge_f1, builtin_scene, hint_of, prompt_for
 from ..loader import load_controlnet
 from .sheet import contact_sheet
-from .text import TextEncoder, unknown_words
+from .text import TextEncoder
 from .train import AE_FILE, BASE_FILE, CONTROLNET_FILE, TEXT_FILE, WEIGHTS_DIR, load_unet
 
 DEFAULT_SCENE, SECOND_SCENE = "circle-square", "star"
@@ -195,12 +196,20 @@ def second_hint_of(image: np.ndarray) -> np.ndarray:
     return canny(image, *SECOND_HINT_THRESHOLDS, blur=SECOND_HINT_BLUR)
 
 
-def vocabulary() -> str:
-    """The words the shipped text encoder knows (read from `text.py`), and the accepted aliases."""
+def vocabulary(weights: str | Path | None = None) -> str:
+    """The words the text encoder in `weights` (default: the shipped one) was trained with, read from
+    its file's metadata without loading it, and the accepted aliases (`text.py`)."""
     from . import text
+    from ..formats.files import read_header
 
-    known = [w for w in text.VOCAB if not w.startswith("<")]
-    aliases = getattr(text, "ALIASES", {})
+    vocab: tuple[str, ...] = text.VOCAB
+    try:
+        meta = read_header(Path(weights or WEIGHTS_DIR) / TEXT_FILE)[1]
+        vocab = tuple(json.loads(meta[TextEncoder.META_KEY])["vocab"])
+    except Exception:  # no or an unreadable encoder: the loader says so when the demo runs
+        pass
+    known = [w for w in vocab if not w.startswith("<")]
+    aliases = {a: w for a, w in getattr(text, "ALIASES", {}).items() if w in vocab}
     out = ", ".join(known)
     if aliases:
         out += "; also " + ", ".join(f"{a} (= {w})" for a, w in sorted(aliases.items()))
@@ -290,14 +299,14 @@ def _run(args: argparse.Namespace) -> int:
         prompt = args.prompt if args.prompt is not None else scene_prompt
         bg, shapes = BUILTIN_SCENES[DEFAULT_SCENE]
         combined = None if args.prompt is not None else prompt_for([*shapes, *BUILTIN_SCENES[SECOND_SCENE][1]], bg)
-    unknown = unknown_words(prompt)
-    if unknown:
-        print(f"note: words outside the demo vocabulary are ignored: {', '.join(sorted(set(unknown)))} "
-              f"(known: {vocabulary()})", file=sys.stderr)
     try:
         models = load_models(args.weights)
     except FileNotFoundError as e:
         raise DemoInputError(str(e)) from None
+    unknown = models.text.unknown_words(prompt)  # the words *this* encoder was trained with
+    if unknown:
+        print(f"note: words outside the demo vocabulary are ignored: {', '.join(sorted(set(unknown)))} "
+              f"(known: {vocabulary(args.weights)})", file=sys.stderr)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
