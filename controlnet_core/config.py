@@ -1,4 +1,5 @@
-"""The architecture description of a ControlNet (and of the UNet it was copied from).
+"""The architecture descriptions: a ControlNet's (and of the UNet it was copied from), and a
+T2I-Adapter's (`AdapterConfig`, below). Other families read theirs from their files' shapes.
 
 One frozen dataclass fully describes a network; `model.ControlNet(config)` builds it. The presets
 are the public SD1.x / SD2.x / SDXL shapes; tests build the same architectures at tiny widths with
@@ -87,3 +88,72 @@ SDXL = ControlNetConfig(
 )
 
 PRESETS: dict[str, ControlNetConfig] = {"sd15": SD15, "sd21": SD21, "sdxl": SDXL}
+
+
+# ------------------------------------------------------------------------------------------------
+# T2I-Adapter (t2i_adapter.py)
+
+KINDS = ("full", "full_xl", "light")
+LEVELS = 4  # every released adapter has four feature levels
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Everything that tells one T2I-Adapter architecture from another.
+
+    kind:           "full" (SD1.x), "full_xl" (SDXL) or "light" (SD1.x);
+    in_channels:    the hint channels the network reads: 3 (RGB) or 1 (gray, the mean of RGB);
+    channels:       feature width per level (= the UNet block width it is added to);
+    num_res_blocks: ResBlocks per level (full, full_xl: 2; light: 4).
+    """
+
+    kind: str = "full"
+    in_channels: int = 3
+    channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    num_res_blocks: int = 2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown T2I-Adapter kind {self.kind!r}; use one of {KINDS}")
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"a T2I-Adapter reads 1 (gray) or 3 (RGB) hint channels, not {self.in_channels}")
+        c = self.channels
+        if len(c) != LEVELS or min(c) <= 0 or self.num_res_blocks < 1:
+            raise ValueError(f"a T2I-Adapter has {LEVELS} levels of positive width and >= 1 ResBlock each; got {c}")
+        if any(w % c[0] for w in c):
+            raise ValueError(f"level widths {c} are not multiples of the first; they fit no UNet")
+        if self.kind == "light" and any(w % 4 for w in c):
+            raise ValueError(f"a light adapter works at a quarter of each width; {c} are not multiples of 4")
+        if self.kind != "full" and c[3] != c[2]:
+            raise ValueError(f"the last two levels of a {self.kind} adapter share one width; got {c}")
+
+    @property
+    def xl(self) -> bool:
+        return self.kind == "full_xl"
+
+    @property
+    def unshuffle(self) -> int:
+        """The pixel-unshuffle factor: hint pixels per side of one input cell."""
+        return 16 if self.xl else 8
+
+    @property
+    def pooled_levels(self) -> tuple[int, ...]:
+        """Levels that start with a 2x average pool."""
+        return (2,) if self.xl else (1, 2, 3)
+
+    @property
+    def arch(self) -> str:
+        return "sdxl" if self.xl else "sd15"
+
+    @property
+    def host_layout(self) -> tuple:
+        """The UNet it fits, as (model_channels, channel_mult, num_res_blocks). SDXL's UNet has three
+        levels: the adapter's last two features both have the deepest width (block 8 and middle)."""
+        c = self.channels
+        widths = c[:3] if self.xl else c
+        return (c[0], tuple(w // c[0] for w in widths), 2)
+
+
+SD15_FULL = AdapterConfig("full", 3)
+SD15_LIGHT = AdapterConfig("light", 3, num_res_blocks=4)
+SDXL_FULL = AdapterConfig("full_xl", 3)

@@ -38,6 +38,9 @@ from torch import nn
 from .config import ControlNetConfig
 from .errors import ControlNetError, InputError, LoadError
 from .formats import control_lora as fmt
+from .formats.controlnet import infer_config
+from .formats.detect import Detected
+from .formats.source import Source
 from .host import HostWeights, Outputs
 from .model import ControlNet
 
@@ -290,22 +293,20 @@ def _check_file(want: dict[str, tuple], got: dict[str, torch.Tensor], name: str,
 
 
 # ------------------------------------------------------------------------------------------
-# the loader's entry points (loader.FAMILY_LOADERS)
+# the family's entry points (`loader.FAMILY_LOADERS`)
 
 def _config(sd: dict[str, torch.Tensor], name: str) -> tuple[ControlNetConfig, dict, dict]:
-    from .loader import infer_config  # loader.py imports this module to register the family
-
     full, lowrank = fmt.split(sd, name)
     return infer_config(fmt.dense_shapes(full, lowrank, name), name=name), full, lowrank
 
 
-def load(source: Any, device: Any, dtype: torch.dtype, ops: Any, config: ControlNetConfig | None) -> ControlLoRA:
-    """A `loader.Source` holding a Control-LoRA -> the model (not yet bound to a base model).
+def load(source: Source, device: Any, dtype: torch.dtype, ops: Any, config: ControlNetConfig | None) -> ControlLoRA:
+    """A `Source` holding a Control-LoRA -> the model (not yet bound to a base model).
     `config` overrides the architecture read from the shapes (still checked against them)."""
     cfg, full, lowrank = _config(source.sd, source.name)
     return ControlLoRA(config or cfg, full, lowrank, ops=ops, dtype=dtype, name=source.name).eval()
 
 
-def arch(header: dict[str, torch.Tensor], found: Any) -> str:
+def arch(header: dict[str, torch.Tensor], found: Detected) -> str:
     """The base model family from the header's shapes alone."""
     return _config(header, "header")[0].arch

@@ -31,8 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, LoadError
+from .formats import lllite as fmt
+from .formats.detect import Detected
 from .formats.lllite import ModuleSpec
+from .formats.source import Source, StateDict, assign_weights
 from .host import ATTENTION, AttnSite, HostWeights, Outputs
 from .layers import DEFAULT_OPS
 
@@ -173,3 +176,20 @@ def ldm_key(site: AttnSite) -> str:
     kind, number = site.block
     block = "middle_block" if kind == "middle" else f"{kind}_blocks.{number}"
     return f"{block}.1.transformer_blocks.{site.index}.{site.attn}.to_{site.proj}.weight"
+
+
+# ------------------------------------------------------------------------------------------------
+# the family's entry points (`loader.FAMILY_LOADERS`)
+
+def load(source: Source, device: Any, dtype: torch.dtype, ops: Any, config: Any) -> ControlNetLLLite:
+    """kohya's layout (formats/lllite.py): each module's widths and depth read from its shapes."""
+    if config is not None:
+        raise LoadError(f"{source.name}: a config override is for ControlNets; an LLLite's shape is read from its file")
+    specs = fmt.read_modules({k: tuple(v.shape) for k, v in source.sd.items()}, source.name)
+    model = ControlNetLLLite(specs, ops=ops, device="meta", dtype=dtype)
+    return assign_weights(model, source.sd, source.name, "a ControlNet-LLLite of these module shapes")
+
+
+def arch(header: StateDict, found: Detected) -> str:
+    fmt.read_modules({k: tuple(v.shape) for k, v in header.items()}, "header")  # refuses what we cannot run
+    return ControlNetLLLite.arch

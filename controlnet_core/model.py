@@ -22,6 +22,9 @@ from torch import nn
 
 from .config import ControlNetConfig
 from .errors import InputError
+from .formats.controlnet import controlnet_config, infer_config, native_state_dict
+from .formats.detect import Detected
+from .formats.source import Source, StateDict, assign_weights
 from .layers import DEFAULT_OPS, TimestepSequential, build_encoder, build_time_embedding, timestep_embedding
 
 Residuals = tuple[list[torch.Tensor], torch.Tensor]
@@ -207,3 +210,18 @@ class ControlNet(nn.Module):
 
 def _context_family(width: Any) -> str:
     return {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL", 1280: "SDXL refiner"}.get(width, "unknown family")
+
+
+# ------------------------------------------------------------------------------------------------
+# the family's entry points (`loader.FAMILY_LOADERS`)
+
+def load(source: Source, device: Any, dtype: torch.dtype, ops: Any, config: ControlNetConfig | None) -> ControlNet:
+    """A ControlNet in any of its three layouts (formats/controlnet.py), built on the meta device."""
+    sd = native_state_dict(source)
+    cfg = controlnet_config(source, sd, config)
+    model = ControlNet(cfg, ops=ops, device="meta", dtype=dtype)
+    return assign_weights(model, sd, source.name, f"a {cfg.arch} ControlNet")
+
+
+def arch(header: StateDict, found: Detected) -> str:
+    return infer_config(native_state_dict(Source(header, {}, None, "header", found, None)), name="header").arch

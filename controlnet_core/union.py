@@ -57,7 +57,8 @@ from .formats import detect
 from .formats.union import split_union, union_shape
 from .host import Outputs
 from .layers import DEFAULT_OPS, timestep_embedding
-from .loader import FAMILY_LOADERS, FamilyLoader, Source, assign_weights, controlnet_config, infer_config
+from .formats.controlnet import controlnet_config, infer_config
+from .formats.source import Source, assign_weights
 from .model import ControlNet
 
 CONTROL_TYPES = (
@@ -317,9 +318,9 @@ class UnionType:
 
 
 # ------------------------------------------------------------------------------------------
-# loading (registered in loader.FAMILY_LOADERS below)
+# the family's entry points (`loader.FAMILY_LOADERS`)
 
-def load_union(source: Source, device: Any, dtype: torch.dtype, ops: Any, config: ControlNetConfig | None) -> UnionControlNet:
+def load(source: Source, device: Any, dtype: torch.dtype, ops: Any, config: ControlNetConfig | None) -> UnionControlNet:
     name = source.name
     classic, extra = split_union(source.sd, name)
     shape = union_shape(extra, name)
@@ -335,8 +336,6 @@ def load_union(source: Source, device: Any, dtype: torch.dtype, ops: Any, config
     return assign_weights(model, {**classic, **extra}, name, f"a {cfg.arch} ControlNet Union with {shape.num_types} types")
 
 
-def union_arch(header: dict[str, torch.Tensor], found: detect.Detected) -> str:
+def arch(header: dict[str, torch.Tensor], found: detect.Detected) -> str:
     return infer_config(split_union(header, "header")[0], name="header").arch
 
-
-FAMILY_LOADERS[detect.UNION] = FamilyLoader(load_union, union_arch)

@@ -205,7 +205,9 @@ c = Control(net, image)
 c.pre_run(lambda p: 1e9 if p <= 0 else 0.0)
 with torch.no_grad():
     c.hint_embedding(64, 64, "cpu")
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20, image.numel() * 4 / 2**20)
+with open("/proc/self/status") as f:  # VmHWM: this process's peak (ru_maxrss can carry the parent's over exec)
+    peak = int(next(l for l in f if l.startswith("VmHWM:")).split()[1]) * 1024
+print((peak - before) / 2**20, image.numel() * 4 / 2**20)
 '''
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr

@@ -35,7 +35,7 @@ from comfyui_controlnet_core.controlnet_core.unet import UNet
 from comfyui_controlnet_core.nodes.control_object import NetHandle
 from helpers_models import _randomize_, make_inputs, make_tiny_config, random_controlnet, rel_err
 from test_nodes import Sampling, StandInControl, apply_node, combine_node, conditioning, fake_model
-from test_unet import diffusers_unet_config, diffusers_unet_to_native
+from test_unet import unet_pair
 
 # (diffusers adapter_type, hint channels, channels, num_res_blocks, unshuffle) at tiny widths that fit
 # the tiny UNets of helpers_models (SD1.5: 32, 64, 64, 64; SDXL: 64, 128, 128).
@@ -247,16 +247,9 @@ def test_odd_latent_sizes_follow_the_rule(tiny_files, variant):
 
 @pytest.mark.parametrize("arch, variant", [("sd15", "full-1ch"), ("sd15", "light-3ch"), ("sdxl", "xl-3ch")])
 def test_unet_with_adapter_matches_diffusers_intrablock_residuals(tiny_files, arch, variant):
-    from diffusers import UNet2DConditionModel
-
     d, paths = tiny_files[variant]
-    dm = UNet2DConditionModel(**diffusers_unet_config(arch))
-    _randomize_(dm.named_parameters(), seed=21)
-    dm.eval()
+    dm, unet = unet_pair(arch, seed=21)  # the same random weights, through diffusers' own converter
     cfg = make_tiny_config(arch)
-    unet = UNet(cfg)
-    unet.load_state_dict(diffusers_unet_to_native(dm.state_dict(), cfg), strict=True)
-    unet.eval()
     net = loader.load_controlnet(paths["diffusers-folder"])
     assert net.host_layout == (cfg.model_channels, cfg.channel_mult, cfg.num_res_blocks)
 
@@ -322,7 +315,7 @@ def test_global_pooling_is_refused_for_an_adapter_in_a_sentence(tiny_files):
 
 def test_hint_channels_the_adapter_cannot_take_are_named(tiny_files):
     net = loader.load_controlnet(tiny_files["full-3ch"][1]["tencentarc-pth"])
-    with pytest.raises(InputError, match=r"hint for the T2I-Adapter \('adapter.pth', sd15\).*3 colour channels"):
+    with pytest.raises(InputError, match=r"hint for the T2I-Adapter \('adapter.pth', sd15\).*the hint image has 2 channels"):
         Control(net, torch.rand(1, 64, 64, 2))
     with pytest.raises(InputError, match=r"sd15 T2I-Adapter reads 3-channel \(RGB\) hints, but the hint has 1 "):
         net.embed_hint(torch.rand(1, 1, 64, 64))

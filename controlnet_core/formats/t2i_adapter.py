@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import torch
 
 from ..errors import LoadError
-from ..t2i_adapter import LEVELS, AdapterConfig
+from ..config import LEVELS, AdapterConfig
 
 StateDict = dict[str, torch.Tensor]
 
