@@ -257,8 +257,11 @@ def test_oversize_images_are_refused_before_decoding(comfy):
 # ------------------------------------------------------------------------------------------
 # the event loop stays free while a preview runs, and a slow preview is cut off
 
+SLOW_S = 1.0  # a blocked event loop would stall this long; a free one ticks every 10 ms
+
+
 def _slow(frame, **_):
-    time.sleep(0.6)
+    time.sleep(SLOW_S)
     return frame
 
 
@@ -290,8 +293,8 @@ def test_the_event_loop_stays_responsive_during_a_preview(comfy, slow_method):
         return status, finished - start, max(gaps), len(gaps), other
 
     status, took, worst_gap, ticks, other = serve(fn)
-    assert status == 200 and took >= 0.4
-    assert worst_gap < 0.2 and ticks >= 20, (worst_gap, ticks)
+    assert status == 200 and took >= 0.8 * SLOW_S
+    assert worst_gap < SLOW_S / 2 and ticks >= 20, (worst_gap, ticks)  # slack for a busy 2-core machine
     assert other[0] == 404
 
 
@@ -307,7 +310,7 @@ def test_other_requests_answer_while_a_preview_is_running(comfy, slow_method):
         return r.status, answered, still_running
 
     status, answered, still_running = serve(fn)
-    assert status == 404 and still_running and answered < 0.3
+    assert status == 404 and still_running and answered < SLOW_S / 2
 
 
 def test_a_preview_over_the_time_limit_answers_504(comfy, slow_method, monkeypatch):
