@@ -7,6 +7,10 @@ always inside functions, so `import comfyui_controlnet_core` works without Comfy
                         held by a `ModelPatcher`, so ComfyUI loads/offloads them with the UNet,
                         counts their memory and can load them partially (--lowvram).
 * `apply_control(...)`  what CNCore_ApplyControlNet does (see its docstring).
+* for the front end (`routes.py`): `model_info(name)` (the loader's label, from the file header),
+  `resolve_image_path(...)` (an image in ComfyUI's input/output/temp folders, as /view reads it),
+  `remember_input` / `last_input` (the Preprocessor's input of the last run, for the preview), and
+  `progress_reporter(total)` (ComfyUI's progress bar for a preprocessor batch).
 
 Interop: our object (any family we load) works in ComfyUI's ControlNetApplyAdvanced (it speaks
 `set_cond_hint`, `copy`, `set_previous_controlnet`, ...). A ControlNet or T2I-Adapter loaded by
@@ -21,8 +25,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import weakref
-from typing import Any
+from collections import OrderedDict
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -31,12 +37,13 @@ from ..controlnet_core import fast
 from ..controlnet_core.control import ControlSettings, default_global_pool, with_control_type
 from ..controlnet_core.errors import ControlNetError, InputError, LoadError, UnsupportedFamilyError
 from ..controlnet_core.hint import to_bchw
-from ..controlnet_core.loader import load_controlnet
+from ..controlnet_core.loader import inspect_controlnet, load_controlnet
 from .control_object import (
     DEFAULT_CONTROL_TYPE,
     DEFAULT_INTERPOLATION,
     DEFAULT_MODE,
     DEFAULT_RESIZE,
+    FAMILY,
     BoundEntry,
     CoreControlMixin,
     NetHandle,
@@ -93,16 +100,30 @@ def controlnet_names() -> list[str]:
     return folder_paths.get_filename_list(FOLDER)
 
 
-def resolve_model_path(name: Any) -> str:
-    """The full path of a file listed in the `controlnet` folders; anything else is refused."""
+def _escapes(name: str) -> bool:
+    """An absolute name, a drive letter or a '..' part: a name that could leave its folder."""
+    parts = re.split(r"[\\/]+", name)
+    return os.path.isabs(name) or name.startswith(("/", "\\")) or bool(re.match(r"^[A-Za-z]:", name)) or ".." in parts
+
+
+def _inside(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
+
+
+def check_model_name(name: Any) -> None:
+    """LoadError for an empty name or one that could leave the model folders (absolute, '..')."""
     if not isinstance(name, str) or not name.strip():
         raise LoadError("choose a ControlNet file from the list (the name is empty)")
-    parts = re.split(r"[\\/]+", name)
-    if os.path.isabs(name) or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+    if _escapes(name):
         raise LoadError(
             f"refusing to load {name!r}: only files inside ComfyUI's controlnet model folders can be loaded; "
             "give a name from the list (no absolute paths, no '..')"
         )
+
+
+def resolve_model_path(name: Any) -> str:
+    """The full path of a file listed in the `controlnet` folders; anything else is refused."""
+    check_model_name(name)
     import folder_paths
 
     path = folder_paths.get_full_path(FOLDER, name)
@@ -113,7 +134,7 @@ def resolve_model_path(name: Any) -> str:
             "the file there and press Refresh (R) in ComfyUI"
         )
     full = os.path.abspath(path)
-    if not any(os.path.commonpath([full, r]) == r for r in roots):
+    if not any(_inside(full, r) for r in roots):
         raise LoadError(f"refusing to load {name!r}: it resolves outside the controlnet model folders")
     return full
 
@@ -127,6 +148,131 @@ def file_signature(name: Any) -> str:
     except (ControlNetError, OSError, ImportError):
         return repr(name)
     return f"{name}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def model_info(name: Any) -> dict:
+    """What the loader node shows under the file name, from the file header only (no weights read).
+
+    Raises LoadError for a name outside the controlnet folders, a missing file, or a file that is no
+    control model at all (the loader's own sentence).
+    """
+    path = resolve_model_path(name)
+    info = inspect_controlnet(path)
+    arch = FAMILY.get(info.arch, info.arch) if info.arch else None
+    # detect's display names carry the layout in brackets ("ControlNet (v1.1 layout)"); the label
+    # names the layout once, as its own part
+    family = re.sub(r"\s*\([^)]*\blayout\)$", "", info.family)
+    label = " · ".join(part for part in (family, arch, info.layout) if part)
+    if not info.supported:
+        label += " · not run by this pack"
+    return {"name": name, "family": family, "arch": info.arch, "arch_label": arch, "layout": info.layout,
+            "supported": info.supported, "size_bytes": info.size_bytes, "label": label}
+
+
+# ------------------------------------------------------------------------------------------
+# images for the preview (ComfyUI's input / output / temp folders only)
+
+IMAGE_FOLDERS = ("input", "output", "temp")
+
+
+def resolve_image_path(filename: Any, subfolder: Any = "", folder_type: Any = "input") -> str:
+    """The full path of an image as ComfyUI's /view names it (file name, subfolder, folder type).
+
+    Only files inside ComfyUI's input, output or temp folder are returned; symbolic links are
+    followed before that check, so a link pointing elsewhere is refused too.
+    """
+    if folder_type not in IMAGE_FOLDERS:
+        raise InputError(f"the image folder type must be one of {', '.join(IMAGE_FOLDERS)}; got {folder_type!r}")
+    if not isinstance(filename, str) or not filename.strip():
+        raise InputError("choose an image (the file name is empty)")
+    subfolder = subfolder or ""
+    if not isinstance(subfolder, str):
+        raise InputError(f"the image subfolder must be text; got {subfolder!r}")
+    for part in (filename, subfolder):
+        if _escapes(part):
+            raise InputError(
+                f"refusing to read {part!r}: only images inside ComfyUI's {folder_type} folder can be previewed "
+                "(no absolute paths, no '..')"
+            )
+    import folder_paths
+
+    root = os.path.realpath(folder_paths.get_directory_by_type(folder_type))
+    full = os.path.realpath(os.path.join(root, subfolder, filename))
+    if not _inside(full, root):
+        raise InputError(f"refusing to read {filename!r}: it resolves outside ComfyUI's {folder_type} folder")
+    if not os.path.isfile(full):
+        shown = f"{subfolder}/{filename}" if subfolder else filename
+        raise FileNotFoundError(
+            f"the image {shown!r} is not in ComfyUI's {folder_type} folder; upload it again in the Load Image node"
+        )
+    return full
+
+
+# The Preprocessor's last input per node, for previews of images that come from other nodes than
+# Load Image. One small frame each (at most LAST_INPUT_SIDE px on its long side), a few nodes.
+LAST_INPUT_SIDE = 1024
+LAST_INPUT_NODES = 16
+_last_inputs: "OrderedDict[str, dict]" = OrderedDict()
+_last_lock = threading.Lock()
+
+
+def _executing_node_id() -> str | None:
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:  # not inside ComfyUI (or one without execution contexts)
+        return None
+    context = get_executing_context()
+    return None if context is None else str(context.node_id)
+
+
+def remember_input(image: Any, mask: Any = None, target_hw: tuple[int, int] | None = None) -> None:
+    """Keep the first frame (and mask, and target size) the running Preprocessor node got."""
+    node_id = _executing_node_id()
+    if node_id is None:
+        return
+    from ..preprocessors.image import to_uint8
+
+    frame = image[0].detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else image[0]
+    h, w = frame.shape[:2]
+    scale = min(1.0, LAST_INPUT_SIDE / max(h, w))
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    frame = _shrink(frame, size)
+    m = None
+    if mask is not None:
+        m = mask.detach().cpu().float().numpy() if isinstance(mask, torch.Tensor) else mask
+        m = m.reshape((-1,) + m.shape[-2:])[0]
+        m = _shrink(m, size)
+    entry = {"image": to_uint8(frame.clip(0, 1)), "mask": m, "target_hw": target_hw}
+    with _last_lock:
+        _last_inputs[node_id] = entry
+        _last_inputs.move_to_end(node_id)
+        while len(_last_inputs) > LAST_INPUT_NODES:
+            _last_inputs.popitem(last=False)
+
+
+def _shrink(a: Any, size: tuple[int, int]) -> Any:
+    if a.shape[:2] == size:
+        return a
+    from ..preprocessors._cv import cv2
+
+    out = cv2().resize(a, (size[1], size[0]), interpolation=cv2().INTER_AREA)
+    return out.reshape(size + a.shape[2:])  # OpenCV drops a single channel axis
+
+
+def last_input(node_id: Any) -> dict | None:
+    """What `remember_input` kept for that node id (image uint8 HxWxC, mask or None, target_hw)."""
+    with _last_lock:
+        return _last_inputs.get(str(node_id))
+
+
+def progress_reporter(total: int) -> Callable[[int, int], None] | None:
+    """`progress(done, total)` driving ComfyUI's progress bar on the running node; None outside ComfyUI."""
+    try:
+        import comfy.utils
+    except ImportError:
+        return None
+    bar = comfy.utils.ProgressBar(total)
+    return lambda done, _total: bar.update_absolute(done, _total)
 
 
 def _dtype_and_devices() -> tuple[torch.dtype, Any, Any, bool]:
@@ -368,6 +514,7 @@ def stack_entry(control_net: Any, image: Any, strength: float, start_percent: fl
 
 
 __all__ = [
-    "NetHolder", "apply_control", "check_conditioning", "control_class", "controlnet_names", "file_signature",
-    "is_core_control", "load_control", "resolve_model_path", "stack_entry",
+    "NetHolder", "apply_control", "check_conditioning", "check_model_name", "control_class", "controlnet_names",
+    "file_signature", "is_core_control", "last_input", "load_control", "model_info", "progress_reporter",
+    "remember_input", "resolve_image_path", "resolve_model_path", "stack_entry",
 ]

@@ -101,8 +101,14 @@ class Preprocessor:
 
         required: dict[str, Any] = {
             "image": ("IMAGE", {"tooltip": "The image(s) to make hints from."}),
-            "method": (pp.list_methods(), {"default": pp.list_methods()[0],
-                                           "tooltip": "The kind of hint; pick the one your ControlNet was trained on."}),
+            "method": (pp.list_methods(), {
+                "default": pp.list_methods()[0],
+                "tooltip": "The kind of hint; pick the one your ControlNet was trained on.",
+                # For the web extension (web/preprocessor.js): the widgets each method reads, so it
+                # shows only those. An extra option key; ComfyUI passes it through /object_info.
+                "cncore_inputs": {m: list(pp.method_inputs(m)) for m in pp.list_methods()},
+                "cncore_needs_mask": [m for m in pp.list_methods() if pp.get_method(m).needs_mask],
+            }),
             "resolution": ("INT", {"default": 512, "min": 64, "max": 16384, "step": 8,
                                    "tooltip": "Short side (pixels) the method works at; the hint comes back at the "
                                               "input size."}),
@@ -141,9 +147,11 @@ class Preprocessor:
             )
         if not isinstance(image, torch.Tensor) or image.ndim != 4:
             raise pp.PreprocessorError("image must be a ComfyUI IMAGE batch (batch, height, width, channels)")
+        adapter.remember_input(image, mask, target)  # for the front end's preview of later edits
         out = pp.run(
             method, image.detach().cpu().float().numpy(), resolution=resolution, pixel_perfect=pixel_perfect,
-            target_hw=target, mask=None if mask is None else mask.detach().cpu().float().numpy(), **params,
+            target_hw=target, mask=None if mask is None else mask.detach().cpu().float().numpy(),
+            progress=adapter.progress_reporter(image.shape[0]) if image.shape[0] > 1 else None, **params,
         )
         return (torch.from_numpy(out).to(image.device),)
 

@@ -6,7 +6,7 @@ parameter / resolution rules, `methods.py` for the algorithms.
 
 from .errors import PreprocessorError
 from .methods import INPAINT_SENTINEL, canny
-from .registry import METHODS, PARAMS, Method, Param, get_method, list_methods, register, run
+from .registry import METHODS, PARAMS, Method, Param, get_method, list_methods, method_inputs, register, run
 
 __all__ = [
     "INPAINT_SENTINEL",
@@ -18,6 +18,7 @@ __all__ = [
     "canny",
     "get_method",
     "list_methods",
+    "method_inputs",
     "register",
     "run",
 ]

@@ -179,6 +179,13 @@ def list_methods() -> list[str]:
     return list(METHODS)
 
 
+def method_inputs(name: str) -> tuple[str, ...]:
+    """The `run` arguments (node widgets) the method reads: `resolution` and `pixel_perfect` unless it
+    works at the input size, then its own parameters. The front end shows only these widgets."""
+    m = get_method(name)
+    return (() if m.native_size else ("resolution", "pixel_perfect")) + m.params
+
+
 def get_method(name: str) -> Method:
     try:
         return METHODS[name]
@@ -229,6 +236,7 @@ def run(
     target_hw: tuple[int, int] | None = None,
     mask=None,
     weights_path=None,
+    progress: Callable[[int, int], None] | None = None,
     **params,
 ) -> np.ndarray:
     """Make hints: float32 (N, H, W, 3) in [0, 1] at the input size (always 4-D; N = 1 for one image).
@@ -237,6 +245,8 @@ def run(
     C = 1, 3 or 4 (alpha dropped). mask: for methods with needs_mask, (H, W) / (N or 1, H, W)
     [/ (.., 1)], >= 0.5 = masked. The inpaint hint holds exactly -1.0 at masked pixels.
     Every frame is processed alone, so a batch gives the same hints as one call per frame.
+    progress: called as `progress(frames_done, frames)` in the calling thread after each frame; an
+    exception it raises (e.g. the host's "interrupted") stops the batch: frames not started are dropped.
     """
     m = get_method(method)
     unknown = sorted(k for k in params if k not in _PARAM_BY_NAME)
@@ -290,13 +300,19 @@ def run(
         r = m.fn(work, **frame_kw) if m.batched else m.fn(work[0], **frame_kw)[None]
         out[i] = resize(_as_rgb(r, work.shape, m.name), h, w, grow="linear")
 
+    report = progress or (lambda done, total: None)
     workers = min(n, _threads())
     if workers <= 1:
         for i in range(n):
             one(i)
+            report(i + 1, n)
     else:
-        with ThreadPoolExecutor(workers, thread_name_prefix="preprocessors") as pool:
-            list(pool.map(one, range(n)))  # re-raises the first error
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="preprocessors")
+        try:
+            for done, _ in enumerate(pool.map(one, range(n)), 1):  # re-raises the first error
+                report(done, n)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     return np.ascontiguousarray(out[0]) if n == 1 else np.concatenate(out)
 
 

@@ -767,3 +767,44 @@ def test_preprocessor_nan_through_the_api_gets_our_sentence(comfy):
     err = _error(comfy.run(_preprocessed(blur=float("nan"))))
     assert err["node_type"] == "CNCore_Preprocessor"
     assert "canny: parameter 'blur' must be a number; got nan" in err["exception_message"]
+
+
+def test_front_end_routes_and_files_in_real_comfyui(comfy):
+    """The web extension's files are served, and its routes answer at /cncore/ and /api/cncore/."""
+    import io
+
+    from PIL import Image
+
+    scripts = comfy.get("/extensions")
+    assert {s.rsplit("/", 1)[-1] for s in scripts if "/comfyui-controlnet-core/" in s} == {"loader.js",
+                                                                                           "preprocessor.js"}
+    info = comfy.get("/api/cncore/model_info?name=" + CANNY)
+    assert info["label"] == "ControlNet · SD1.x · original" and info["supported"] is True
+    try:
+        comfy.get("/cncore/model_info?name=" + BROKEN)
+        raise AssertionError("a damaged file must be refused")
+    except urllib.error.HTTPError as e:
+        assert e.code == 422 and BROKEN in json.loads(e.read())["error"]
+
+    def preview(body: dict) -> np.ndarray:
+        req = urllib.request.Request(comfy.url + "/api/cncore/preview", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.headers["Content-Type"] == "image/png"
+            return np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB"))
+
+    params = {"low_threshold": 100, "high_threshold": 200, "blur": 0.0, "auto_threshold": False}
+    from_file = preview({"method": "canny", "params": params, "resolution": 64,
+                         "image": {"filename": "example.png", "subfolder": "", "type": "input"}})
+    # the image the Preprocessor (node "5" of the canny workflow) got on its last run
+    prompt = json.loads((tw.WORKFLOWS / "api" / "controlnet_canny.json").read_text())
+    prompt["5"]["inputs"]["resolution"] = 96  # not cached: it runs again
+    for node in prompt.values():
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=64, height=64)
+        if node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 1
+    _ok(comfy.run(prompt))
+    last = preview({"method": "canny", "params": params, "resolution": 64, "last_run": "5"})
+    assert from_file.shape == (64, 64, 3) and 0 < (from_file > 0).mean() < 0.5
+    np.testing.assert_array_equal(last, from_file)

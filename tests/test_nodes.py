@@ -734,3 +734,32 @@ def test_released_choices_stay_available(node_input):
     node_id, name = node_input
     choices = NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()["required"][name][0]
     assert set(RELEASED_CHOICES[node_input]) <= set(choices)
+
+
+def test_preprocessor_batch_drives_comfyuis_progress_bar(monkeypatch):
+    """A batch reports each frame through comfy.utils.ProgressBar (a stand-in with its interface)."""
+    import types
+
+    updates = []
+
+    class ProgressBar:  # comfy/utils.py: ProgressBar(total).update_absolute(value, total)
+        def __init__(self, total, node_id=None):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            updates.append((value, total))
+
+    comfy = types.ModuleType("comfy")
+    comfy.utils = types.SimpleNamespace(ProgressBar=ProgressBar)
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.utils", comfy.utils)
+    node = NODE_CLASS_MAPPINGS["CNCore_Preprocessor"]()
+    defaults = {p.name: p.default for p in pp.PARAMS}
+    image = hint_image(batch=3, h=24, w=24)
+    (hint,) = node.run(image, "canny", 64, False, **defaults)
+    assert updates == [(1, 3), (2, 3), (3, 3)]
+    ref = pp.run("canny", image.numpy(), resolution=64, **{k: defaults[k] for k in pp.get_method("canny").params})
+    torch.testing.assert_close(hint, torch.from_numpy(ref))
+    updates.clear()
+    node.run(image[:1], "canny", 64, False, **defaults)
+    assert updates == []  # one image: no bar

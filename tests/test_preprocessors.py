@@ -500,3 +500,54 @@ def test_the_hint_never_aliases_the_input():
     np.testing.assert_array_equal(out, img)
     out[:] = 1.0
     assert (img == 0.25).all()
+
+
+# ------------------------------------------------------------------------------------------
+# which widgets a method reads; progress of a batch
+
+def test_method_inputs_are_the_run_arguments_each_method_reads():
+    for name in P.list_methods():
+        m = P.get_method(name)
+        expected = m.params if m.native_size else ("resolution", "pixel_perfect") + m.params
+        assert P.method_inputs(name) == expected
+    assert P.method_inputs("canny") == ("resolution", "pixel_perfect", "low_threshold", "high_threshold", "blur",
+                                        "auto_threshold")
+    assert P.method_inputs("invert") == ()  # pixel-wise: not even the resolution
+    # a widget no method reads would be hidden for every method: there is none
+    assert {p.name for p in P.PARAMS} == {n for m in P.list_methods() for n in P.method_inputs(m)} - {
+        "resolution", "pixel_perfect"}
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_progress_is_reported_once_per_frame_in_the_calling_thread(threads, monkeypatch):
+    import threading
+
+    monkeypatch.setenv("PREPROCESSOR_THREADS", threads)
+    calls = []
+    caller = threading.get_ident()
+    frames = np.random.default_rng(0).random((5, 24, 32, 3)).astype(np.float32)
+    out = run("canny", frames, resolution=32, progress=lambda done, total: calls.append((done, total,
+                                                                                        threading.get_ident())))
+    assert [(d, t) for d, t, _ in calls] == [(i, 5) for i in range(1, 6)]
+    assert {tid for _, _, tid in calls} == {caller}
+    np.testing.assert_array_equal(out, run("canny", frames, resolution=32))
+
+
+def test_an_error_from_progress_stops_the_batch(monkeypatch):
+    monkeypatch.setenv("PREPROCESSOR_THREADS", "1")
+    seen = []
+
+    def count(frame):
+        seen.append(1)
+        return frame
+
+    P.register(P.Method("count_for_tests", count, (), "tests", native_size=True), replace=True)
+    try:
+        def interrupt(done, total):
+            raise KeyboardInterrupt("interrupted")  # what the host's progress hook raises on Cancel
+
+        with pytest.raises(KeyboardInterrupt):
+            run("count_for_tests", np.zeros((6, 8, 8, 3), np.float32), progress=interrupt)
+        assert len(seen) == 1
+    finally:
+        P.METHODS.pop("count_for_tests", None)

@@ -7,6 +7,15 @@ an input of a compatible type, every widget value has the right type and lies in
 inputs are present, at least one output node exists, and the UI and API files describe the same
 graph (same nodes, links and widget values).
 
+Layout (every workflow in workflows/, see `layout_problems`): what a user sees on opening the file
+in ComfyUI 0.3.64 with its front end 1.27.10 in a 1600x1000 browser window. A node's rectangle is
+`pos` to `pos + size` plus its 30 px title bar above `pos`; a ControlNet Preprocessor's also holds the
+room its hint preview takes when shown (PREVIEW_ROOM below it). No two node rectangles intersect; a
+group contains every node it touches and groups do not overlap. The saved view `extra.ds` zooms to at
+least MIN_SCALE (below ~0.57 the canvas stops drawing text) and puts every node and group inside the
+canvas (the window less the side bar and the tab/menu bars: CANVAS) and off the minimap and zoom
+buttons in its bottom-right corner (OVERLAYS). `scripts/fit_workflow_view.py` writes such a view.
+
 Node definitions: ours come from the pack's own INPUT_TYPES. ComfyUI's built-in nodes used by the
 workflows are described by `BUILTIN_SPECS` below, a small table of their input specs taken by hand
 from ComfyUI's source (Comfy-Org/ComfyUI a125cd84, v0.3.64: nodes.py and comfy_extras/nodes_mask.py;
@@ -98,6 +107,12 @@ BUILTIN_SPECS: dict[str, dict] = {
 }
 
 FILE_INPUTS = {("CNCore_LoadControlNet", "control_net_name")}
+
+TITLE_H = 30                # LiteGraph.NODE_TITLE_HEIGHT
+MIN_SCALE = 0.6             # text is drawn from 8 px / 14 px = 0.57 (LiteGraph.Canvas.MinFontSizeForLOD = 8)
+CANVAS = (1536, 922)        # the canvas in a 1600x1000 window: side bar 64 px, tab + menu bars 78 px
+OVERLAYS = ((1213, 656, 323, 266),)  # canvas px under the minimap and the zoom buttons (bottom right)
+PREVIEW_ROOM = {"CNCore_Preprocessor": 272}  # web/preprocessor.js: a preview at most 256 px tall + margins + gap
 
 
 def pack_specs() -> dict[str, dict]:
@@ -314,6 +329,76 @@ def same_graph(workflow: dict, prompt: dict, specs: dict) -> list[str]:
     return errors
 
 
+# ------------------------------------------------------------------------------------------
+# layout
+
+Rect = tuple[float, float, float, float]  # x, y, width, height
+
+
+def node_rect(node: dict) -> Rect:
+    (x, y), (w, h) = node["pos"], node["size"]
+    return (x, y - TITLE_H, w, h + TITLE_H + PREVIEW_ROOM.get(node["type"], 0))
+
+
+def intersects(a: Rect, b: Rect) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def contains(outer: Rect, inner: Rect) -> bool:
+    return (outer[0] <= inner[0] and outer[1] <= inner[1] and inner[0] + inner[2] <= outer[0] + outer[2]
+            and inner[1] + inner[3] <= outer[1] + outer[3])
+
+
+def bounding_box(rects: list[Rect]) -> Rect:
+    x0, y0 = min(r[0] for r in rects), min(r[1] for r in rects)
+    return (x0, y0, max(r[0] + r[2] for r in rects) - x0, max(r[1] + r[3] for r in rects) - y0)
+
+
+def on_screen(rect: Rect, ds: dict) -> Rect:
+    """Canvas pixels of a graph rectangle at the view `ds` (screen = (graph + offset) x scale)."""
+    s, (ox, oy) = ds["scale"], ds["offset"]
+    return ((rect[0] + ox) * s, (rect[1] + oy) * s, rect[2] * s, rect[3] * s)
+
+
+def layout_problems(workflow: dict) -> list[str]:
+    nodes = [(f"node {n['id']} ({n.get('title') or n['type']})", node_rect(n)) for n in workflow["nodes"]]
+    groups = [(f"group {g.get('title')!r}", tuple(g["bounding"])) for g in workflow.get("groups", [])]
+    problems = []
+    for i, (a, ra) in enumerate(nodes):
+        for b, rb in nodes[i + 1:]:
+            if intersects(ra, rb):
+                problems.append(f"{a} overlaps {b}")
+    for i, (g, rg) in enumerate(groups):
+        for h, rh in groups[i + 1:]:
+            if intersects(rg, rh):
+                problems.append(f"{g} overlaps {h}")
+        for a, ra in nodes:
+            if intersects(rg, ra) and not contains(rg, ra):
+                problems.append(f"{a} sticks out of {g}")
+    ds = workflow.get("extra", {}).get("ds")
+    if not ds:
+        return problems + ["no saved view (extra.ds)"]
+    if ds["scale"] < MIN_SCALE:
+        problems.append(f"the saved zoom {ds['scale']} is below {MIN_SCALE}: the canvas draws no text there")
+    canvas = (0, 0) + CANVAS
+    for what, r in nodes + groups:
+        sr = on_screen(r, ds)
+        if not contains(canvas, sr):
+            problems.append(f"{what} is not inside the {CANVAS[0]}x{CANVAS[1]} canvas at the saved view")
+        elif any(intersects(sr, o) for o in OVERLAYS):
+            problems.append(f"{what} lies under the minimap / zoom buttons at the saved view")
+    return problems
+
+
+def fit_view(workflow: dict, pad: float = 20, max_scale: float = 1.0) -> dict:
+    """The view that centres the whole graph in the canvas, as large as fits (at most `max_scale`)."""
+    rects = [node_rect(n) for n in workflow["nodes"]] + [tuple(g["bounding"]) for g in workflow.get("groups", [])]
+    x, y, w, h = bounding_box(rects)
+    scale = min(max_scale, (CANVAS[0] - 2 * pad) / w, (CANVAS[1] - 2 * pad) / h)
+    scale = float(int(scale * 1000) / 1000)  # a round number, never above the fit
+    return {"scale": scale, "offset": [round((CANVAS[0] / scale - w) / 2 - x, 1), round((CANVAS[1] / scale - h) / 2 - y, 1)]}
+
+
 def load_pair(ui_path: Path) -> tuple[dict, dict]:
     api_path = ui_path.parent / "api" / ui_path.name
     return json.loads(ui_path.read_text()), json.loads(api_path.read_text())
@@ -341,6 +426,34 @@ def test_workflow_is_valid_and_ui_matches_api(ui_path):
     used = {n["class_type"] for n in api.values()}
     assert used & set(NODE_CLASS_MAPPINGS), "the workflow uses none of the pack's nodes"
     assert ui.get("version") is not None and isinstance(ui.get("links"), list)
+
+
+@pytest.mark.parametrize("ui_path", UI_FILES, ids=[p.stem for p in UI_FILES])
+def test_workflow_layout_is_clean_and_the_saved_view_shows_it_all(ui_path):
+    assert layout_problems(json.loads(ui_path.read_text())) == []
+
+
+def test_layout_rule_catches_overlaps_and_bad_views():
+    """The rule itself, on a small hand-made graph."""
+    wf = {"nodes": [{"id": 1, "type": "A", "pos": [0, 30], "size": [100, 50]},
+                    {"id": 2, "type": "B", "pos": [0, 120], "size": [100, 50]}],
+          "groups": [{"title": "g", "bounding": [-10, -10, 130, 190]}],
+          "extra": {"ds": {"scale": 1.0, "offset": [20, 20]}}}
+    assert layout_problems(wf) == []
+    wf["nodes"][1]["pos"] = [0, 100]  # its title bar (70..100) now covers node 1's body (30..80)
+    assert any("overlaps" in p for p in layout_problems(wf))
+    wf["nodes"][1]["pos"] = [0, 120]
+    wf["groups"][0]["bounding"] = [-10, -10, 130, 120]
+    assert any("sticks out" in p for p in layout_problems(wf))
+    wf["groups"][0]["bounding"] = [-10, -10, 130, 190]
+    wf["extra"]["ds"] = {"scale": 0.5, "offset": [20, 20]}
+    assert any("below 0.6" in p for p in layout_problems(wf))
+    wf["extra"]["ds"] = {"scale": 1.0, "offset": [1500, 20]}
+    assert any("not inside" in p for p in layout_problems(wf))
+    wf["extra"]["ds"] = {"scale": 1.0, "offset": [1300, 700]}
+    assert any("minimap" in p for p in layout_problems(wf))
+    wf["extra"]["ds"] = fit_view(wf)
+    assert layout_problems(wf) == [] and wf["extra"]["ds"]["scale"] == 1.0
 
 
 def test_workflows_show_what_their_names_promise():

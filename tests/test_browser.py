@@ -1,0 +1,230 @@
+"""The pack in the real ComfyUI front end, in headless Chromium (the optional COMFYUI_PATH suite).
+
+Needs COMFYUI_PATH (a ComfyUI checkout), COMFYUI_PYTHON (its interpreter), a Chromium binary
+(CHROMIUM, default Debian's /usr/lib/chromium/chromium) and Playwright for Python in PLAYWRIGHT_PYTHON
+(default COMFYUI_PYTHON); `playwright install` is never needed. Screenshots go to CNCORE_SCREENSHOTS
+(default: a temporary folder, printed). Start it under `flock /tmp/comfyui.lock` on a shared machine.
+
+A ComfyUI server starts on a temporary base directory with the pack linked in, tiny random ControlNets
+under the workflows' file names and the workflows' input image. tests/browser_driver.py then drops
+each workflow file on the canvas and reports what the page showed; this module checks it:
+no missing-node dialog, every node type registered, no console error naming the pack; the node
+rectangles on screen (title bars included) do not intersect and lie inside the canvas at the saved
+view, at a zoom where the canvas draws text; the Preprocessor shows exactly the widgets of the
+chosen method (the server's `preprocessors.method_inputs`) for every method; pressing "Preview
+hint" shows an image of the input's size inside the node; the loader shows the file's family, base
+model and layout; the template browser finds a thumbnail for every workflow (no 404).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import test_workflows as tw
+from comfyui_controlnet_core import preprocessors as pp
+from comfyui_controlnet_core.controlnet_core.loader import save_controlnet
+from helpers_models import make_tiny_config, random_controlnet
+from test_comfyui_integration import COMFYUI_PATH, COMFYUI_PYTHON, ROOT, Comfy, _free_port
+
+CHROMIUM = os.environ.get("CHROMIUM") or next(
+    (p for p in ("/usr/lib/chromium/chromium", shutil.which("chromium") or "", shutil.which("chromium-browser") or "")
+     if p and os.path.exists(p)), "/usr/lib/chromium/chromium")
+PLAYWRIGHT_PYTHON = os.environ.get("PLAYWRIGHT_PYTHON", COMFYUI_PYTHON)
+MODULE = "comfyui-controlnet-core"  # the pack's folder name in custom_nodes/ (the template browser's category)
+EXTRA_WIDGETS = {"Preview hint", "auto preview", "cncore_preview"}
+INPUT_SIZE = (384, 288)  # the workflows' input image, example.png (width, height)
+
+
+def write_example_image(path: Path) -> None:
+    """A small drawn scene (sky, hills, a cabin, a lake) with clear edges for the previews and thumbnails."""
+    from PIL import Image, ImageDraw
+
+    w, h = INPUT_SIZE
+    im = Image.new("RGB", (w, h), (120, 170, 220))
+    d = ImageDraw.Draw(im)
+    d.ellipse([290, 30, 340, 80], fill=(250, 220, 90))
+    d.polygon([(0, 170), (110, 80), (220, 170)], fill=(90, 120, 90))
+    d.polygon([(150, 170), (260, 95), (384, 170)], fill=(70, 105, 80))
+    d.rectangle([0, 170, w, 210], fill=(110, 150, 80))
+    d.rectangle([0, 210, w, h], fill=(60, 110, 170))
+    d.rectangle([120, 120, 220, 190], fill=(140, 90, 50))
+    d.polygon([(110, 122), (170, 85), (230, 122)], fill=(110, 50, 40))
+    d.rectangle([160, 150, 182, 190], fill=(60, 40, 30))
+    d.rectangle([132, 135, 150, 152], fill=(240, 220, 150))
+    d.line([(20, 240), (360, 250)], fill=(200, 220, 240), width=2)
+    im.save(path)
+
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.skipif(not COMFYUI_PATH, reason="COMFYUI_PATH is not set (a ComfyUI checkout to test in)"),
+]
+
+
+@pytest.fixture(scope="module")
+def page_report(tmp_path_factory):
+    assert os.path.exists(CHROMIUM), (
+        f"no Chromium at {CHROMIUM}: install Debian's package (apt-get install -y chromium) or set CHROMIUM")
+    base = tmp_path_factory.mktemp("comfyui_browser")
+    for d in ("models/checkpoints", "models/controlnet", "input", "output", "temp", "custom_nodes", "user/default"):
+        (base / d).mkdir(parents=True, exist_ok=True)
+    os.symlink(ROOT, base / "custom_nodes" / MODULE, target_is_directory=True)
+    write_example_image(base / "input" / "example.png")
+    (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
+    names = {n["inputs"]["control_net_name"] for p in tw.UI_FILES for n in tw.load_pair(p)[1].values()
+             if n["class_type"] == "CNCore_LoadControlNet"}
+    for name in names:  # tiny random SD1.5-shaped ControlNets under the workflows' file names
+        save_controlnet(random_controlnet(make_tiny_config("sd15")), base / "models" / "controlnet" / name)
+    for p in tw.UI_FILES:  # the checkpoints are only listed (nothing is queued): empty files do
+        for n in tw.load_pair(p)[1].values():
+            if n["class_type"] == "CheckpointLoaderSimple":
+                (base / "models" / "checkpoints" / n["inputs"]["ckpt_name"]).touch()
+    port = _free_port()
+    log = base / "server.log"
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(
+            [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
+             str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
+             "--disable-all-custom-nodes", "--whitelist-custom-nodes", MODULE],
+            cwd=COMFYUI_PATH, stdout=logf, stderr=subprocess.STDOUT)
+    server = Comfy(base, port, proc, log)
+    shots = Path(os.environ.get("CNCORE_SCREENSHOTS") or tempfile.mkdtemp(prefix="cncore_screens_"))
+    try:
+        import time
+        import urllib.error
+
+        end = time.time() + 240
+        while True:
+            try:
+                server.get("/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if proc.poll() is not None or time.time() > end:
+                    raise AssertionError(f"ComfyUI did not start; log:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        category = json.loads((ROOT / "locales" / "en" / "main.json").read_text())["templateWorkflows"]["category"]
+        config = {"url": server.url + "/", "chromium": CHROMIUM, "out": str(shots), "category": category[MODULE],
+                  "workflows": [str(p) for p in tw.UI_FILES],
+                  "methods": {m: list(pp.method_inputs(m)) for m in pp.list_methods()}}
+        (base / "browser.json").write_text(json.dumps(config))
+        run = subprocess.run([PLAYWRIGHT_PYTHON, str(Path(__file__).with_name("browser_driver.py")),
+                              str(base / "browser.json")], capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, f"the browser driver failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
+        print(f"\n[browser] screenshots in {shots}")
+        yield json.loads((shots / "result.json").read_text()), server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _intersect(a, b) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def _pack_errors(console: list[dict]) -> list[str]:
+    return [c["text"] for c in console if c["type"] in ("error", "pageerror")
+            and any(k in c["text"] for k in ("cncore", "CNCore", "controlnet-core", "controlnet_core"))]
+
+
+def test_extensions_are_registered_once(page_report):
+    report, _ = page_report
+    assert sorted(report["extensions"]) == ["cncore.loader", "cncore.preprocessor"]
+
+
+@pytest.mark.parametrize("name", [p.stem for p in tw.UI_FILES])
+def test_workflow_loads_cleanly_and_is_laid_out(page_report, name):
+    report, _ = page_report
+    entry = report["workflows"][name]
+    assert entry["dialogs"] == [], entry["dialogs"]
+    nodes = entry["graph"]["nodes"]
+    assert all(n["registered"] for n in nodes), [n["type"] for n in nodes if not n["registered"]]
+    assert _pack_errors(entry["console"]) == []
+    # as the user sees it (node sizes after the front end and our extension laid them out)
+    for graph in (entry["graph"], entry["graph_after_preview"]):
+        assert graph["scale"] >= 0.6 and not graph["lowQuality"]
+        rects = [n["screen"] for n in graph["nodes"]]
+        for i, a in enumerate(rects):
+            for b in rects[i + 1:]:
+                assert not _intersect(a, b), (name, a, b)
+    left, top, width, height = entry["graph"]["canvas"]
+    for n in entry["graph"]["nodes"]:
+        x, y, w, h = n["screen"]
+        assert left <= x and x + w <= left + width and top <= y and y + h <= top + height, (n["title"], n["screen"])
+    # the saved sizes are the ones the front end shows (so the file's layout test means something)
+    ui = json.loads((tw.WORKFLOWS / f"{name}.json").read_text())
+    saved = {n["id"]: n["size"] for n in ui["nodes"]}
+    for n in entry["graph"]["nodes"]:
+        assert abs(n["rect"][3] - 30 - saved[n["id"]][1]) <= 2 and abs(n["rect"][2] - saved[n["id"]][0]) <= 2, (
+            n["title"], n["rect"], saved[n["id"]])
+
+
+@pytest.mark.parametrize("name", [p.stem for p in tw.UI_FILES])
+def test_the_front_end_saves_and_queues_exactly_the_shipped_graph(page_report, name):
+    """With the extension's extra widgets and hidden widgets, Save writes the file's widget values and
+    Run queues the API twin's inputs: nothing changes for saved workflows or API users."""
+    report, _ = page_report
+    saved = report["workflows"][name]["saved"]
+    ui, api = tw.load_pair(tw.WORKFLOWS / f"{name}.json")
+    for node in ui["nodes"]:
+        assert saved["widgets_values"][str(node["id"])] == node["widgets_values"], node["type"]
+    assert saved["prompt"].keys() == api.keys()
+    for nid, node in api.items():
+        got = saved["prompt"][nid]
+        assert got["class_type"] == node["class_type"]
+        assert {k: (list(v) if isinstance(v, list) else v) for k, v in got["inputs"].items()} == node["inputs"], nid
+
+
+@pytest.mark.parametrize("name", [p.stem for p in tw.UI_FILES])
+def test_preprocessor_shows_the_widgets_of_its_method_and_previews(page_report, name):
+    report, _ = page_report
+    entry = report["workflows"][name]
+    assert entry["visible"], "the workflow has a Preprocessor node"
+    for nid, seen in entry["visible"].items():
+        for method, visible in seen["methods"].items():
+            shown = [w for w in visible if w not in EXTRA_WIDGETS]
+            assert shown[0] == "method" and sorted(shown[1:]) == sorted(pp.method_inputs(method)), (method, visible)
+            assert {"Preview hint", "auto preview"} <= set(visible)
+        if seen["heights"]:  # fewer widgets, smaller node
+            assert seen["heights"]["invert"] < seen["heights"]["tile"] < seen["heights"]["canny"]
+        state = entry["preview"][nid]
+        assert state["shown"] and (state["width"], state["height"]) == INPUT_SIZE, state  # the hint of example.png
+        assert state["text"] == ""
+    # the node after the preview: taller by at most the room the layout keeps for it
+    saved = {n["id"]: n for n in json.loads((tw.WORKFLOWS / f"{name}.json").read_text())["nodes"]}
+    for n in entry["graph_after_preview"]["nodes"]:
+        room = tw.PREVIEW_ROOM.get(n["type"], 0)
+        assert n["rect"][3] - 30 <= saved[n["id"]]["size"][1] + room + 1, (n["title"], n["rect"])
+    # a refused request (inpaint without a mask): the server's sentence in the node, no image
+    err = entry["error_preview"]
+    assert "needs a mask" in err["text"] and not err["shown"], err
+
+
+@pytest.mark.parametrize("name", [p.stem for p in tw.UI_FILES])
+def test_loader_shows_what_the_file_is(page_report, name):
+    report, _ = page_report
+    labels = report["workflows"][name]["labels"]
+    assert labels and all(v == "ControlNet · SD1.x · original" for v in labels.values()), labels
+
+
+def test_template_browser_finds_every_thumbnail(page_report):
+    report, _ = page_report
+    t = report["templates"]
+    assert sorted(c.split("\n")[0] for c in t["cards"]) == sorted(p.stem for p in tw.UI_FILES)
+    asked = {u.rsplit("/", 1)[-1]: s for s, u in t["responses"] if u.endswith(".jpg")}
+    assert {f"{p.stem}.jpg" for p in tw.UI_FILES} <= set(asked), asked
+    assert all(s == 200 for s in asked.values()), asked
+    assert _pack_errors(t["console"]) == [] and not [c for c in t["console"] if "404" in c["text"]]
+    # the category carries the pack's name from locales/en/main.json (the cards only their file names)
+    assert t["category_shown"]
