@@ -42,7 +42,7 @@ from .formats.controlnet import infer_config
 from .formats.detect import Detected
 from .formats.source import Source
 from .host import HostWeights, Outputs
-from .model import ControlNet
+from .model import ConfigMembers, ControlNet
 
 # The parts of a UNet a ControlNet copies: what a Control-LoRA reads from its base model.
 _ENCODER_PREFIXES = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")
@@ -61,7 +61,7 @@ class _Bound:
     fingerprint: tuple
 
 
-class ControlLoRA(nn.Module):
+class ControlLoRA(ConfigMembers, nn.Module):
     """A Control-LoRA; implements `control.ControlModel` (see the module docstring)."""
 
     family = "Control-LoRA"
@@ -94,31 +94,6 @@ class ControlLoRA(nn.Module):
     # ---- what the file says ---------------------------------------------------------------
 
     @property
-    def arch(self) -> str:
-        return self.config.arch
-
-    @property
-    def hint_channels(self) -> int:
-        return self.config.hint_channels
-
-    @property
-    def context_dim(self) -> int:
-        return self.config.context_dim
-
-    @property
-    def adm_channels(self) -> int | None:
-        return self.config.adm_in_channels
-
-    @property
-    def host_archs(self) -> tuple[str, ...]:
-        return (self.config.arch,)
-
-    @property
-    def host_layout(self) -> tuple:
-        cfg = self.config
-        return (cfg.model_channels, cfg.channel_mult, cfg.num_res_blocks)
-
-    @property
     def ranks(self) -> list[int]:
         """The ranks of its low-rank layers, largest first (Stability's files: [128] or [256], less
         where a layer is narrower than the rank)."""
@@ -146,12 +121,6 @@ class ControlLoRA(nn.Module):
     def bound_net(self) -> ControlNet | None:
         """The merged ControlNet of the current base model (None before `bind_host`)."""
         return None if self._bound is None else self._bound.net
-
-    def hint_size(self, h: int, w: int) -> tuple[int, int]:
-        return 8 * h, 8 * w
-
-    def output_levels(self) -> list[int]:
-        return self._skeleton.output_levels()
 
     # ---- the base model -------------------------------------------------------------------
 

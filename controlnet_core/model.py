@@ -30,7 +30,53 @@ from .layers import DEFAULT_OPS, TimestepSequential, build_encoder, build_time_e
 Residuals = tuple[list[torch.Tensor], torch.Tensor]
 
 
-class ControlNet(nn.Module):
+class ConfigMembers:
+    """The `control.ControlModel` members a `ControlNetConfig` answers: for the classic ControlNet and
+    the families built on its architecture (Control-LoRA, a Union's control types)."""
+
+    config: ControlNetConfig
+
+    @property
+    def arch(self) -> str:
+        return self.config.arch
+
+    @property
+    def hint_channels(self) -> int:
+        return self.config.hint_channels
+
+    @property
+    def context_dim(self) -> int:
+        return self.config.context_dim
+
+    @property
+    def adm_channels(self) -> int | None:
+        return self.config.adm_in_channels
+
+    @property
+    def host_archs(self) -> tuple[str, ...]:
+        return (self.config.arch,)
+
+    @property
+    def host_layout(self) -> tuple:
+        cfg = self.config
+        return (cfg.model_channels, cfg.channel_mult, cfg.num_res_blocks)
+
+    def hint_size(self, h: int, w: int) -> tuple[int, int]:
+        return 8 * h, 8 * w
+
+    def output_levels(self) -> list[int]:
+        """The resolution level of each residual: the stem and the ResBlocks of level l at l, each
+        downsample at the level it leads to; the middle at the deepest."""
+        cfg = self.config
+        levels = [0]
+        for lvl in range(len(cfg.channel_mult)):
+            levels += [lvl] * cfg.num_res_blocks
+            if lvl < len(cfg.channel_mult) - 1:
+                levels.append(lvl + 1)
+        return levels + [len(cfg.channel_mult) - 1]
+
+
+class ControlNet(ConfigMembers, nn.Module):
     """The classic ControlNet; also the reference implementation of `control.ControlModel`."""
 
     family = "ControlNet"
@@ -73,45 +119,6 @@ class ControlNet(nn.Module):
             for conv in [*(z[0] for z in self.zero_convs), self.middle_block_out[0], self.input_hint_block[-1]]:
                 conv.weight.zero_()
                 conv.bias.zero_()
-
-    @property
-    def arch(self) -> str:
-        return self.config.arch
-
-    @property
-    def hint_channels(self) -> int:
-        return self.config.hint_channels
-
-    @property
-    def context_dim(self) -> int:
-        return self.config.context_dim
-
-    @property
-    def adm_channels(self) -> int | None:
-        return self.config.adm_in_channels
-
-    @property
-    def host_archs(self) -> tuple[str, ...]:
-        return (self.config.arch,)
-
-    @property
-    def host_layout(self) -> tuple:
-        cfg = self.config
-        return (cfg.model_channels, cfg.channel_mult, cfg.num_res_blocks)
-
-    def hint_size(self, h: int, w: int) -> tuple[int, int]:
-        return 8 * h, 8 * w
-
-    def output_levels(self) -> list[int]:
-        """The resolution level of each residual: the stem and the ResBlocks of level l at l, each
-        downsample at the level it leads to; the middle at the deepest."""
-        cfg = self.config
-        levels = [0]
-        for lvl in range(len(cfg.channel_mult)):
-            levels += [lvl] * cfg.num_res_blocks
-            if lvl < len(cfg.channel_mult) - 1:
-                levels.append(lvl + 1)
-        return levels + [len(cfg.channel_mult) - 1]
 
     def control_outputs(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                         y: torch.Tensor | None, embedding: torch.Tensor) -> dict[str, list]:

@@ -59,7 +59,7 @@ from .host import Outputs
 from .layers import DEFAULT_OPS, timestep_embedding
 from .formats.controlnet import controlnet_config, infer_config
 from .formats.source import Source, assign_weights
-from .model import ControlNet
+from .model import ConfigMembers, ControlNet
 
 CONTROL_TYPES = (
     "openpose", "depth", "hed/pidi/scribble/ted", "canny/lineart/anime_lineart/mlsd",
@@ -243,7 +243,7 @@ class UnionControlNet(ControlNet):
         return out["output"], out["middle"][0]
 
 
-class UnionType:
+class UnionType(ConfigMembers):
     """One control type of a loaded Union network: a `control.ControlModel` sharing its weights
     (made by `UnionControlNet.select_type`). Controls whose models share `fusion_key` (the same
     network) can be evaluated in one pass: `fused_outputs`."""
@@ -269,38 +269,12 @@ class UnionType:
     family = UnionControlNet.family
 
     @property
-    def hint_channels(self) -> int:
-        return self.net.hint_channels
-
-    @property
-    def arch(self) -> str:
-        return self.net.arch
-
-    @property
-    def host_archs(self) -> tuple[str, ...]:
-        return self.net.host_archs
-
-    @property
-    def context_dim(self) -> int:
-        return self.net.context_dim
-
-    @property
-    def adm_channels(self) -> int | None:
-        return self.net.adm_channels
-
-    @property
-    def host_layout(self) -> tuple:
-        return self.net.host_layout
+    def config(self) -> ControlNetConfig:
+        return self.net.config
 
     @property
     def dtype(self) -> torch.dtype:
         return self.net.dtype
-
-    def hint_size(self, h: int, w: int) -> tuple[int, int]:
-        return self.net.hint_size(h, w)
-
-    def output_levels(self) -> list[int]:
-        return self.net.output_levels()
 
     def embed_hint(self, hint: torch.Tensor) -> torch.Tensor:
         if self.index == REPAINT:  # the inpaint preprocessor's -1 marker -> xinsir's black (module docstring)
