@@ -433,6 +433,8 @@ def test_same_image_as_comfyui_builtin_controlnet(comfy):
     assert _diff(runs["our_loader_builtin_apply"], runs["ours"]) == 0
     # ComfyUI's net in our apply node with default options is applied exactly like ComfyUI does
     assert _diff(runs["builtin_loader_our_apply"], runs["builtin"]) == 0
+    # the loader says in ComfyUI's log what it found
+    assert f"CNCore: loaded {CANNY}: ControlNet for SD1.x (original layout, " in comfy.log.read_text()
 
 
 def test_schedule_and_strength_match_builtin(comfy):
@@ -506,6 +508,7 @@ def test_t2i_adapter_same_image_as_comfyui_builtin(comfy):
         assert d <= 1
         assert _diff(runs["our_loader_builtin_apply", tag], runs["ours", tag]) == 0
         assert _diff(runs["builtin_loader_our_apply", tag], runs["builtin", tag]) == 0
+    assert f"CNCore: loaded {T2I}: T2I-Adapter for SD1.x (tencentarc layout, " in comfy.log.read_text()
     # ComfyUI's adapter with our options (a mask) is converted to ours: the same image as our loader's
     extra = {"control_mode": "prompt is more important"}
     a = comfy.images(_ok(comfy.run(graph("CNCore_ApplyControlNet", loader="ControlNetLoader", cn_name=T2I,
