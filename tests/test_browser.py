@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
@@ -114,7 +115,7 @@ def write_model_file(name: str, path: Path) -> None:
         raise AssertionError(f"no builder for family {family!r}")
 
 
-LEGACY_OF = "controlnet_two_combined"  # dropped a second time as 0.1.0 saved it (Apply and Combine grew since)
+LEGACY_OF = "ControlNet - Canny and Tile Combined (SD1.5)"  # dropped a second time as 0.1.0 saved it (Apply and Combine grew since)
 
 
 def write_legacy_workflow(folder: Path) -> Path:
@@ -315,7 +316,7 @@ def test_template_browser_finds_every_thumbnail(page_report):
     report, _ = page_report
     t = report["templates"]
     assert sorted(c.split("\n")[0] for c in t["cards"]) == sorted(p.stem for p in tw.UI_FILES)
-    asked = {u.rsplit("/", 1)[-1]: s for s, u in t["responses"] if u.endswith(".jpg")}
+    asked = {unquote(u.rsplit("/", 1)[-1]): s for s, u in t["responses"] if u.endswith(".jpg")}
     assert {f"{p.stem}.jpg" for p in tw.UI_FILES} <= set(asked), asked
     assert all(s == 200 for s in asked.values()), asked
     assert _pack_errors(t["console"]) == [] and not [c for c in t["console"] if "404" in c["text"]]
