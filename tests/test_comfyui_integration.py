@@ -800,7 +800,7 @@ def test_front_end_routes_and_files_in_real_comfyui(comfy):
     from_file = preview({"method": "canny", "params": params, "resolution": 64,
                          "image": {"filename": "example.png", "subfolder": "", "type": "input"}})
     # the image the Preprocessor (node "5" of the canny workflow) got on its last run
-    prompt = json.loads((tw.WORKFLOWS / "api" / "controlnet_canny.json").read_text())
+    prompt = json.loads((tw.WORKFLOWS / "api" / "ControlNet - Canny (SD1.5).json").read_text())
     prompt["5"]["inputs"]["resolution"] = 96  # not cached: it runs again
     for node in prompt.values():
         if node["class_type"] == "EmptyLatentImage":

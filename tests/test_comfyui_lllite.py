@@ -362,9 +362,10 @@ def test_bad_lllite_prompts_fail_with_a_sentence_and_the_next_prompt_runs(xl):
 
 
 def test_the_shipped_lllite_workflow_runs_on_the_stand_in(xl):
-    """workflows/api/controlnet_lllite.json with its SDXL checkpoint, text encoders and decoder swapped
-    for the stand-ins; the LLLite part (image, preprocessor, loader, apply, sampler) as shipped."""
-    ui, prompt = tw.load_pair(tw.WORKFLOWS / "controlnet_lllite.json")
+    """The API twin of workflows/ControlNet-LLLite - Canny (SDXL).json with its SDXL checkpoint, text
+    encoders and decoder swapped for the stand-ins; the LLLite part (image, preprocessor, loader, apply,
+    sampler) as shipped."""
+    ui, prompt = tw.load_pair(tw.WORKFLOWS / "ControlNet-LLLite - Canny (SDXL).json")
     specs = xl.get("/object_info")
     shipped = json.loads(json.dumps(specs))  # the real specs; the SDXL files are not in this base's folders
     shipped["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] = tw.FILES

@@ -186,7 +186,11 @@ def test_union_workflows_validate_and_run(comfy_xl):
     # our control types are ComfyUI's, in its order ("auto" first)
     assert (specs["CNCore_ApplyControlNet"]["input"]["optional"]["control_type"][0]
             == specs["SetUnionControlNetType"]["input"]["required"]["type"][0])
-    for ui_path in ci.workflows_for(XL_CKPT):
+    # the SDXL workflows that load the ProMax file (the LLLite one runs in tests/test_comfyui_lllite.py)
+    union_workflows = [p for p in ci.workflows_for(XL_CKPT) if any(
+        n["inputs"].get("control_net_name") == PROMAX for n in tw.load_pair(p)[1].values())]
+    assert union_workflows
+    for ui_path in union_workflows:
         ui, api = tw.load_pair(ui_path)
         assert tw.validate_api(api, specs) == [] and tw.validate_ui(ui, specs) == [], ui_path.name
         for node in api.values():  # tiny and quick; everything else as shipped
