@@ -73,7 +73,7 @@ MODEL_FILES = {
     "control_lora_rank128_v11p_sd15_canny_fp16.safetensors": ("control-lora", "Control-LoRA (Stability AI) · SD1.x"),
     "controllllite_v01032064e_sdxl_canny.safetensors": ("lllite", "ControlNet-LLLite · SDXL"),
     "controlnet-union-sdxl-1.0-promax.safetensors": (
-        "union", "ControlNet Union / ProMax (controlnet_union) · SDXL · diffusers"),
+        "union", "ControlNet Union / ProMax (xinsir) · SDXL · diffusers"),
 }
 
 

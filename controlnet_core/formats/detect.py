@@ -60,7 +60,7 @@ def _other_family(keys: set[str]) -> Detected | None:
     if _any(keys, lambda k: k.startswith("task_embedding") or k.startswith("control_add_embedding.")
             or ".transformer_layes." in k or k.startswith("transformer_layes.")
             or k.startswith("control_model.task_embedding")):
-        return Detected(UNION, DIFFUSERS, "a ControlNet Union / ProMax (controlnet_union)")
+        return Detected(UNION, DIFFUSERS, "a ControlNet Union / ProMax (xinsir)")
     if has("controlnet_blocks.0.y_rms.weight"):
         return Detected(OTHER, "", "a Qwen-Image block-wise ControlNet (DiffSynth)")
     if has("controlnet_blocks.0.linear.weight"):
