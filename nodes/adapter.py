@@ -328,6 +328,8 @@ def load_control(name: str) -> Any:
         ) from None
     control = control_class()(_make_handle(net, name, load_device, offload_device))
     control.global_average_pooling = default_global_pool(name)
+    log.info("CNCore: loaded %s: %s for %s (%s layout, %s)", name, net.family, FAMILY.get(net.arch, net.arch),
+             getattr(net, "source_format", "?"), str(net.dtype).removeprefix("torch."))
     return control
 
 

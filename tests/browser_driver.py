@@ -217,11 +217,18 @@ def run(config: dict) -> dict:
         if category_shown:
             modules.first.click()
             page.wait_for_timeout(2500)
+        cards = page.locator("[data-testid^='template-workflow-']")
+        for i in range(cards.count()):  # thumbnails load lazily: bring every card into view once
+            cards.nth(i).scroll_into_view_if_needed()
+            page.wait_for_timeout(300)
+        if cards.count():
+            cards.first.scroll_into_view_if_needed()
+            page.wait_for_timeout(1000)
         page.screenshot(path=str(out / "templates.png"))
         result["templates"] = {
             "responses": [(s, u) for s, u in responses if "/workflow_templates/" in u],
             "console": list(console),
-            "cards": page.locator("[data-testid^='template-workflow-']").all_inner_texts(),
+            "cards": cards.all_inner_texts(),
             "category_shown": category_shown,
         }
         browser.close()

@@ -22,9 +22,9 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
@@ -32,7 +32,7 @@ import test_workflows as tw
 from comfyui_controlnet_core import preprocessors as pp
 from comfyui_controlnet_core.controlnet_core.loader import save_controlnet
 from helpers_models import make_tiny_config, random_controlnet
-from test_comfyui_integration import COMFYUI_PATH, COMFYUI_PYTHON, ROOT, Comfy, _free_port
+from helpers_comfyui import COMFYUI_PATH, COMFYUI_PYTHON, ROOT, Comfy, free_port as _free_port
 
 CHROMIUM = os.environ.get("CHROMIUM") or next(
     (p for p in ("/usr/lib/chromium/chromium", shutil.which("chromium") or "", shutil.which("chromium-browser") or "")
@@ -62,6 +62,81 @@ def write_example_image(path: Path) -> None:
     d.line([(20, 240), (360, 250)], fill=(200, 220, 240), width=2)
     im.save(path)
 
+# The file name every Load ControlNet of the shipped workflows asks for -> (its family, what the loader
+# must show for it). The browser test writes a small random file of that family in the family's real
+# key layout under that name (with the family tests' builders), so the label is read from a real header.
+MODEL_FILES = {
+    "control_v11p_sd15_canny_fp16.safetensors": ("controlnet", "ControlNet · SD1.x · original"),
+    "control_v11f1e_sd15_tile_fp16.safetensors": ("controlnet", "ControlNet · SD1.x · original"),
+    "t2iadapter_canny_sd15v2.pth": ("t2i-adapter", "T2I-Adapter · SD1.x · tencentarc"),
+    "control_lora_rank128_v11p_sd15_canny_fp16.safetensors": ("control-lora", "Control-LoRA (Stability AI) · SD1.x"),
+    "controllllite_v01032064e_sdxl_canny.safetensors": ("lllite", "ControlNet-LLLite · SDXL"),
+    "controlnet-union-sdxl-1.0-promax.safetensors": (
+        "union", "ControlNet Union / ProMax (controlnet_union) · SDXL · diffusers"),
+}
+
+
+def loader_files() -> set[str]:
+    return {n["inputs"]["control_net_name"] for p in tw.UI_FILES for n in tw.load_pair(p)[1].values()
+            if n["class_type"] == "CNCore_LoadControlNet"}
+
+
+def write_model_file(name: str, path: Path) -> None:
+    """A tiny random model of `name`'s family (MODEL_FILES), in that family's file layout."""
+    import safetensors.torch
+    import torch
+
+    family = MODEL_FILES[name][0]
+    if family == "controlnet":  # lllyasviel's v1.1 single file
+        save_controlnet(random_controlnet(make_tiny_config("sd15")), path)
+    elif family == "t2i-adapter":  # TencentARC's .pth of a full 1-channel (canny/sketch) SD1.x adapter
+        from test_t2i_adapter import diffusers_adapter, to_tencentarc
+
+        torch.save(to_tencentarc(diffusers_adapter("full_adapter", 1, [32, 64, 64, 64], 2, 8).state_dict(), False),
+                   path)
+    elif family == "control-lora":  # Stability's layout: .up/.down pairs, whole tensors, lora_controlnet
+        import helpers_control_lora as clora
+
+        cfg = make_tiny_config("sd15")
+        clora.save(clora.make_file_sd(cfg, random_controlnet(cfg).state_dict(), rank=4, seed=1), path)
+    elif family == "lllite":  # kohya's lllite_unet_* modules (always SDXL)
+        from test_lllite import lllite_state_dict
+
+        safetensors.torch.save_file(lllite_state_dict(), str(path))
+    elif family == "union":  # xinsir's ProMax file: diffusers' ControlNetUnionModel weights, 8 types
+        from test_union import random_union
+
+        folder = path.with_suffix(".folder")
+        random_union(8, seed=1).save_pretrained(folder)
+        shutil.move(folder / "diffusion_pytorch_model.safetensors", path)
+        shutil.rmtree(folder)
+    else:
+        raise AssertionError(f"no builder for family {family!r}")
+
+
+LEGACY_OF = "ControlNet - Canny and Tile Combined (SD1.5)"  # dropped a second time as 0.1.0 saved it (Apply and Combine grew since)
+
+
+def write_legacy_workflow(folder: Path) -> Path:
+    """LEGACY_OF as the 0.1.0 nodes saved it: widget values only for the inputs released then
+    (test_nodes.RELEASED_INPUTS; the front end stores them by position, later ones are appended)."""
+    from test_nodes import RELEASED_INPUTS
+
+    ui = json.loads((tw.WORKFLOWS / f"{LEGACY_OF}.json").read_text())
+    specs, cut = tw.all_specs(), 0
+    for node in ui["nodes"]:
+        if node["type"] in RELEASED_INPUTS:
+            released = set(sum(RELEASED_INPUTS[node["type"]], []))
+            names = tw.ui_widget_names(specs[node["type"]])
+            keep = next((i for i, n in enumerate(names) if n not in released), len(names))
+            cut += len(node["widgets_values"]) - keep
+            node["widgets_values"] = node["widgets_values"][:keep]
+    assert cut, f"{LEGACY_OF} has no widget appended after 0.1.0: pick another workflow"
+    path = folder / f"{LEGACY_OF} (saved by 0.1.0).json"
+    path.write_text(json.dumps(ui))
+    return path
+
+
 pytestmark = [
     pytest.mark.comfyui,
     pytest.mark.skipif(not COMFYUI_PATH, reason="COMFYUI_PATH is not set (a ComfyUI checkout to test in)"),
@@ -78,10 +153,8 @@ def page_report(tmp_path_factory):
     os.symlink(ROOT, base / "custom_nodes" / MODULE, target_is_directory=True)
     write_example_image(base / "input" / "example.png")
     (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
-    names = {n["inputs"]["control_net_name"] for p in tw.UI_FILES for n in tw.load_pair(p)[1].values()
-             if n["class_type"] == "CNCore_LoadControlNet"}
-    for name in names:  # tiny random SD1.5-shaped ControlNets under the workflows' file names
-        save_controlnet(random_controlnet(make_tiny_config("sd15")), base / "models" / "controlnet" / name)
+    for name in loader_files():  # a small random file of each loader's family under the workflows' names
+        write_model_file(name, base / "models" / "controlnet" / name)
     for p in tw.UI_FILES:  # the checkpoints are only listed (nothing is queued): empty files do
         for n in tw.load_pair(p)[1].values():
             if n["class_type"] == "CheckpointLoaderSimple":
@@ -111,7 +184,7 @@ def page_report(tmp_path_factory):
                 time.sleep(0.5)
         category = json.loads((ROOT / "locales" / "en" / "main.json").read_text())["templateWorkflows"]["category"]
         config = {"url": server.url + "/", "chromium": CHROMIUM, "out": str(shots), "category": category[MODULE],
-                  "workflows": [str(p) for p in tw.UI_FILES],
+                  "workflows": [str(p) for p in tw.UI_FILES] + [str(write_legacy_workflow(base))],
                   "methods": {m: list(pp.method_inputs(m)) for m in pp.list_methods()}}
         (base / "browser.json").write_text(json.dumps(config))
         run = subprocess.run([PLAYWRIGHT_PYTHON, str(Path(__file__).with_name("browser_driver.py")),
@@ -175,8 +248,21 @@ def test_the_front_end_saves_and_queues_exactly_the_shipped_graph(page_report, n
     """With the extension's extra widgets and hidden widgets, Save writes the file's widget values and
     Run queues the API twin's inputs: nothing changes for saved workflows or API users."""
     report, _ = page_report
-    saved = report["workflows"][name]["saved"]
-    ui, api = tw.load_pair(tw.WORKFLOWS / f"{name}.json")
+    _assert_saves_and_queues(report["workflows"][name]["saved"], tw.WORKFLOWS / f"{name}.json")
+
+
+def test_a_workflow_saved_by_0_1_0_opens_as_the_shipped_one(page_report):
+    """The shipped workflow as 0.1.0 saved it (no values for the widgets appended since): it loads
+    cleanly, and Save and Run give exactly what the shipped file and its API twin hold (the appended
+    widgets at their defaults)."""
+    report, _ = page_report
+    entry = report["workflows"][f"{LEGACY_OF} (saved by 0.1.0)"]
+    assert entry["dialogs"] == [] and _pack_errors(entry["console"]) == []
+    _assert_saves_and_queues(entry["saved"], tw.WORKFLOWS / f"{LEGACY_OF}.json")
+
+
+def _assert_saves_and_queues(saved: dict, ui_path: Path) -> None:
+    ui, api = tw.load_pair(ui_path)
     for node in ui["nodes"]:
         assert saved["widgets_values"][str(node["id"])] == node["widgets_values"], node["type"]
     assert saved["prompt"].keys() == api.keys()
@@ -215,14 +301,21 @@ def test_preprocessor_shows_the_widgets_of_its_method_and_previews(page_report, 
 def test_loader_shows_what_the_file_is(page_report, name):
     report, _ = page_report
     labels = report["workflows"][name]["labels"]
-    assert labels and all(v == "ControlNet · SD1.x · original" for v in labels.values()), labels
+    files = {str(n["id"]): n["widgets_values"][0] for n in json.loads((tw.WORKFLOWS / f"{name}.json").read_text())["nodes"]
+             if n["type"] == "CNCore_LoadControlNet"}
+    assert labels and {str(k): v for k, v in labels.items()} == {k: MODEL_FILES[f][1] for k, f in files.items()}
+
+
+def test_every_loader_file_of_the_workflows_has_a_family_here():
+    """A new workflow's model file needs its family in MODEL_FILES, or its label goes unchecked."""
+    assert loader_files() <= set(MODEL_FILES), loader_files() - set(MODEL_FILES)
 
 
 def test_template_browser_finds_every_thumbnail(page_report):
     report, _ = page_report
     t = report["templates"]
     assert sorted(c.split("\n")[0] for c in t["cards"]) == sorted(p.stem for p in tw.UI_FILES)
-    asked = {u.rsplit("/", 1)[-1]: s for s, u in t["responses"] if u.endswith(".jpg")}
+    asked = {unquote(u.rsplit("/", 1)[-1]): s for s, u in t["responses"] if u.endswith(".jpg")}
     assert {f"{p.stem}.jpg" for p in tw.UI_FILES} <= set(asked), asked
     assert all(s == 200 for s in asked.values()), asked
     assert _pack_errors(t["console"]) == [] and not [c for c in t["console"] if "404" in c["text"]]

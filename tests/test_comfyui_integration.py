@@ -33,7 +33,6 @@ import test_workflows as tw
 from helpers_comfyui import (COMFYUI_PATH, COMFYUI_PYTHON, NEEDS_COMFYUI, ROOT, error, make_base, ok, pixel_diff,
                              run_in_comfyui, run_small, serve)
 # re-exported: tests/test_browser.py imports these from here
-from helpers_comfyui import Comfy, free_port as _free_port  # noqa: F401
 
 pytestmark = NEEDS_COMFYUI
 
@@ -258,6 +257,8 @@ def test_same_image_as_comfyui_builtin_controlnet(comfy):
     assert pixel_diff(runs["our_loader_builtin_apply"], runs["ours"]) == 0
     # ComfyUI's net in our apply node with default options is applied exactly like ComfyUI does
     assert pixel_diff(runs["builtin_loader_our_apply"], runs["builtin"]) == 0
+    # the loader says in ComfyUI's log what it found
+    assert f"CNCore: loaded {CANNY}: ControlNet for SD1.x (original layout, " in comfy.log.read_text()
 
 
 def test_schedule_and_strength_match_builtin(comfy):
@@ -326,6 +327,7 @@ def test_t2i_adapter_same_image_as_comfyui_builtin(comfy):
         assert d <= 1
         assert pixel_diff(runs["our_loader_builtin_apply", tag], runs["ours", tag]) == 0
         assert pixel_diff(runs["builtin_loader_our_apply", tag], runs["builtin", tag]) == 0
+    assert f"CNCore: loaded {T2I}: T2I-Adapter for SD1.x (tencentarc layout, " in comfy.log.read_text()
     # ComfyUI's adapter with our options (a mask) is converted to ours: the same image as our loader's
     extra = {"control_mode": "prompt is more important"}
     a = comfy.images(ok(comfy.run(graph("CNCore_ApplyControlNet", loader="ControlNetLoader", cn_name=T2I,
@@ -614,7 +616,7 @@ def test_front_end_routes_and_files_in_real_comfyui(comfy):
     from_file = preview({"method": "canny", "params": params, "resolution": 64,
                          "image": {"filename": "example.png", "subfolder": "", "type": "input"}})
     # the image the Preprocessor (node "5" of the canny workflow) got on its last run
-    prompt = json.loads((tw.WORKFLOWS / "api" / "controlnet_canny.json").read_text())
+    prompt = json.loads((tw.WORKFLOWS / "api" / "ControlNet - Canny (SD1.5).json").read_text())
     prompt["5"]["inputs"]["resolution"] = 96  # not cached: it runs again
     for node in prompt.values():
         if node["class_type"] == "EmptyLatentImage":

@@ -163,7 +163,7 @@ def test_sdxl_workflows_validate_and_run(comfy_xl):
     assert (specs["CNCore_ApplyControlNet"]["input"]["optional"]["control_type"][0]
             == specs["SetUnionControlNetType"]["input"]["required"]["type"][0])
     workflows = ci.workflows_for(XL_CKPT)
-    assert {"controlnet_lllite.json", "controlnet_union_multi.json"} <= {p.name for p in workflows}
+    assert {"ControlNet-LLLite - Canny (SDXL).json", "ControlNet Union - Canny and Tile (SDXL).json"} <= {p.name for p in workflows}
     for ui_path in workflows:
         ui, api = tw.load_pair(ui_path)
         assert tw.validate_api(api, specs) == [] and tw.validate_ui(ui, specs) == [], ui_path.name

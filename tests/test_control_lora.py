@@ -426,7 +426,7 @@ def test_control_object_counts_the_merged_copy_binds_at_pre_run_and_frees_it_at_
 def test_example_workflow_loads_a_control_lora_in_a_clean_layout():
     import test_workflows as tw
 
-    ui, api = tw.load_pair(tw.WORKFLOWS / "controlnet_control_lora.json")
+    ui, api = tw.load_pair(tw.WORKFLOWS / "Control-LoRA - Canny (SD1.5).json")
     (loader_node,) = [n for n in api.values() if n["class_type"] == "CNCore_LoadControlNet"]
     assert loader_node["inputs"]["control_net_name"].startswith("control_lora_rank128_v11p_sd15_")
     (apply,) = [n for n in api.values() if n["class_type"] == "CNCore_ApplyControlNet"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -507,7 +506,7 @@ def test_comfyui_refuses_lllite_on_sd15_and_finds_the_grid_without_activations_s
 def test_the_shipped_workflow_loads_an_lllite_for_an_sdxl_checkpoint():
     import test_workflows as tw
 
-    ui, api = tw.load_pair(tw.WORKFLOWS / "controlnet_lllite.json")
+    ui, api = tw.load_pair(tw.WORKFLOWS / "ControlNet-LLLite - Canny (SDXL).json")
     by_type = {n["class_type"]: n["inputs"] for n in api.values()}
     assert by_type["CNCore_LoadControlNet"]["control_net_name"].startswith("controllllite_")
     assert by_type["CheckpointLoaderSimple"]["ckpt_name"] == "sd_xl_base_1.0.safetensors"

@@ -522,7 +522,7 @@ def test_a_stack_of_sd15_and_sdxl_models_is_refused(handles):
 def test_example_workflow_uses_an_adapter_and_has_a_clean_layout():
     import test_workflows as tw
 
-    ui, api = tw.load_pair(tw.WORKFLOWS / "controlnet_t2i_adapter.json")
+    ui, api = tw.load_pair(tw.WORKFLOWS / "T2I-Adapter - Canny (SD1.5).json")
     loaders = [n for n in api.values() if n["class_type"] == "CNCore_LoadControlNet"]
     assert loaders and loaders[0]["inputs"]["control_net_name"].startswith("t2iadapter_")
     rects = []

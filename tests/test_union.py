@@ -437,7 +437,7 @@ def test_the_union_workflow_runs_two_types_of_one_file_in_one_pass_and_is_laid_o
 
     from test_workflows import WORKFLOWS, load_pair
 
-    ui, api = load_pair(WORKFLOWS / "controlnet_union_multi.json")
+    ui, api = load_pair(WORKFLOWS / "ControlNet Union - Canny and Tile (SDXL).json")
     loaders = [k for k, n in api.items() if n["class_type"] == "CNCore_LoadControlNet"]
     apply = next(n for n in api.values() if n["class_type"] == "CNCore_ApplyControlNet")
     combine = next(n for n in api.values() if n["class_type"] == "CNCore_CombineControls")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -409,11 +410,20 @@ def load_pair(ui_path: Path) -> tuple[dict, dict]:
 
 def test_the_four_main_uses_ship_as_ui_and_api_pairs():
     names = {p.name for p in UI_FILES}
-    assert {"controlnet_canny.json", "controlnet_two_combined.json", "controlnet_masked_region.json",
-            "controlnet_start_end.json"} <= names
+    assert {"ControlNet - Canny (SD1.5).json", "ControlNet - Canny and Tile Combined (SD1.5).json",
+            "ControlNet - Masked Region (SD1.5).json", "ControlNet - Start and End Percent (SD1.5).json"} <= names
     for p in UI_FILES:
         assert (WORKFLOWS / "api" / p.name).is_file(), f"{p.name} has no API twin"
     assert {p.name for p in (WORKFLOWS / "api").glob("*.json")} == names
+
+
+def test_file_names_read_as_template_titles():
+    """The template browser (front end 1.27.10) titles a pack's workflow with its file name and
+    describes it with the same name, `-` and `_` as spaces: names are words, end with the base model
+    the workflow needs, and use only characters that are plain in a URL path (the space is encoded)
+    and on every file system."""
+    for p in UI_FILES:
+        assert re.fullmatch(r"[A-Z][A-Za-z0-9 .()-]+ \((SD1\.5|SDXL)\)", p.stem) and "  " not in p.stem, p.name
 
 
 @pytest.mark.parametrize("ui_path", UI_FILES, ids=[p.stem for p in UI_FILES])
@@ -460,24 +470,24 @@ def test_workflows_show_what_their_names_promise():
     def api(name):
         return load_pair(WORKFLOWS / name)[1]
 
-    canny = api("controlnet_canny.json")
+    canny = api("ControlNet - Canny (SD1.5).json")
     pre = [n for n in canny.values() if n["class_type"] == "CNCore_Preprocessor"]
     assert pre and pre[0]["inputs"]["method"] == "canny"
-    two = api("controlnet_two_combined.json")
+    two = api("ControlNet - Canny and Tile Combined (SD1.5).json")
     assert sum(n["class_type"] == "CNCore_LoadControlNet" for n in two.values()) == 2
     assert any(n["class_type"] == "CNCore_CombineControls" for n in two.values())
     apply = [n for n in two.values() if n["class_type"] == "CNCore_ApplyControlNet"][0]
     assert isinstance(apply["inputs"].get("control_stack"), list)
-    masked = api("controlnet_masked_region.json")
+    masked = api("ControlNet - Masked Region (SD1.5).json")
     apply = [n for n in masked.values() if n["class_type"] == "CNCore_ApplyControlNet"][0]
     assert isinstance(apply["inputs"].get("mask"), list)
-    sched = api("controlnet_start_end.json")
+    sched = api("ControlNet - Start and End Percent (SD1.5).json")
     apply = [n for n in sched.values() if n["class_type"] == "CNCore_ApplyControlNet"][0]
     assert (apply["inputs"]["start_percent"], apply["inputs"]["end_percent"]) != (0.0, 1.0)
 
 
 def _canny_pair():
-    return load_pair(WORKFLOWS / "controlnet_canny.json")
+    return load_pair(WORKFLOWS / "ControlNet - Canny (SD1.5).json")
 
 
 def test_validator_catches_broken_workflows():
@@ -505,7 +515,7 @@ def test_validator_catches_broken_workflows():
 
     bad_ui = json.loads(json.dumps(ui))
     node = next(n for n in bad_ui["nodes"] if n["type"] == "CNCore_ApplyControlNet")
-    node["widgets_values"] = node["widgets_values"][:-1]
+    node["widgets_values"] = node["widgets_values"][:5]  # a required widget (interpolation) has no value
     assert validate_ui(bad_ui, specs)
     bad_ui = json.loads(json.dumps(ui))
     bad_ui["links"][0][5] = "LATENT" if bad_ui["links"][0][5] != "LATENT" else "IMAGE"
