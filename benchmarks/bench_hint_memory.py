@@ -14,21 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
+from measure import RSS_NOW, machine
+
 ROOT = Path(__file__).resolve().parents[1]
 
-CHILD = r"""
-import dataclasses, json, resource, sys
+CHILD = RSS_NOW + r"""
+import dataclasses, json, sys
 import torch
 from comfyui_controlnet_core.controlnet_core import SD15, Control, ControlNet, StepRequest
-
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 batch, side, threads = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads)
@@ -36,7 +33,7 @@ cfg = dataclasses.replace(SD15, model_channels=32, channel_mult=(1, 2), transfor
 net = ControlNet(cfg).eval()
 torch.nn.init.normal_(net.input_hint_block[-1].weight, std=0.01)
 x = torch.randn(2 * batch, 4, 64, 64)
-before = rss()
+before = rss_now()
 image = torch.rand(batch, side, side, 3)            # what ComfyUI hands the Apply node
 c = Control(net, image)
 c.pre_run(lambda p: 1e9 if p <= 0 else 0.0)
@@ -56,7 +53,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    print(f"# hint memory, {platform.machine()}, {args.threads} torch threads; peak RSS above the start, MiB")
+    print(f"# hint memory, {machine()}, {args.threads} torch threads; peak RSS above the start, MiB")
     print("| case | IMAGE | peak above start |")
     print("|---|---|---|")
     for name, batch, side in CASES:

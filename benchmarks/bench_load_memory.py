@@ -12,24 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from measure import RSS_NOW, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CHILD = r"""
-import json, resource, sys, time
+CHILD = RSS_NOW + r"""
+import json, sys, time
 import torch
 from comfyui_controlnet_core.controlnet_core.loader import load_controlnet
-
-def rss_now():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 path, dtype = sys.argv[1], sys.argv[2]
 dtype = None if dtype == "file" else getattr(torch, dtype)
@@ -71,22 +67,6 @@ def write_files(folder: Path) -> list[Path]:
     return paths
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = ""
-    try:
-        with open("/proc/meminfo") as f:
-            mem = f"{int(f.readline().split()[1]) / 2**20:.0f} GiB RAM"
-    except OSError:
-        pass
-    return f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} cores, {mem}, Python {platform.python_version()}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep", type=Path, help="write the files here and keep them")
@@ -107,7 +87,7 @@ def main() -> None:
         capture_output=True, text=True, check=True, cwd=ROOT,
     )
     paths = [Path(line) for line in out.stdout.split()]
-    print(f"machine: {machine()}\n")
+    print(f"machine: {machine()}, Python {platform.python_version()}\n")
     header = (f"{'file':36} {'load as':8} {'file MB':>8} {'before MB':>10} {'peak MB':>8} {'peak-before MB':>15} "
               f"{'ratio':>6} {'peak in use MB':>15} {'ratio':>6} {'seconds':>8}")
     print(header)

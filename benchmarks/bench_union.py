@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -29,29 +28,16 @@ from comfyui_controlnet_core.controlnet_core.config import SDXL
 from comfyui_controlnet_core.controlnet_core.control import Control, ControlSettings, ControlStack
 from comfyui_controlnet_core.controlnet_core.host import StepRequest
 from comfyui_controlnet_core.controlnet_core.union import UnionControlNet
+from measure import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = ""
-    try:
-        with open("/proc/meminfo") as f:
-            kib = int(next(line.split()[1] for line in f if line.startswith("MemTotal")))
-        mem = f", {kib / 2**20:.0f} GiB RAM"
-    except (OSError, StopIteration):
-        pass
+def describe() -> str:
     load = ""
     if hasattr(os, "getloadavg"):  # the machine may be shared: say how busy it was
         load = f", load average {os.getloadavg()[0]:.1f} at the start"
-    return (f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} cores{mem}{load}; "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    return f"{machine()}{load}; torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def everything(p: float) -> float:
@@ -113,7 +99,7 @@ def main() -> None:
             for st in alone:
                 st.residuals(request)
 
-    info = machine()
+    info = describe()
     fused_s, chained_s = timed([run_fused, run_chained], args.repeats)
     rows = [("fused: 1 pass, 2 types", fused_s), ("chained: 2 passes, 1 type each", chained_s)]
     if hasattr(os, "getloadavg"):

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from urllib.parse import unquote
@@ -33,7 +32,7 @@ import test_workflows as tw
 from comfyui_controlnet_core import preprocessors as pp
 from comfyui_controlnet_core.controlnet_core.loader import save_controlnet
 from helpers_models import make_tiny_config, random_controlnet
-from test_comfyui_integration import COMFYUI_PATH, COMFYUI_PYTHON, ROOT, Comfy, _free_port
+from helpers_comfyui import COMFYUI_PATH, COMFYUI_PYTHON, ROOT, serve
 
 CHROMIUM = os.environ.get("CHROMIUM") or next(
     (p for p in ("/usr/lib/chromium/chromium", shutil.which("chromium") or "", shutil.which("chromium-browser") or "")
@@ -160,29 +159,8 @@ def page_report(tmp_path_factory):
         for n in tw.load_pair(p)[1].values():
             if n["class_type"] == "CheckpointLoaderSimple":
                 (base / "models" / "checkpoints" / n["inputs"]["ckpt_name"]).touch()
-    port = _free_port()
-    log = base / "server.log"
-    with open(log, "wb") as logf:
-        proc = subprocess.Popen(
-            [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
-             str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
-             "--disable-all-custom-nodes", "--whitelist-custom-nodes", MODULE],
-            cwd=COMFYUI_PATH, stdout=logf, stderr=subprocess.STDOUT)
-    server = Comfy(base, port, proc, log)
     shots = Path(os.environ.get("CNCORE_SCREENSHOTS") or tempfile.mkdtemp(prefix="cncore_screens_"))
-    try:
-        import time
-        import urllib.error
-
-        end = time.time() + 240
-        while True:
-            try:
-                server.get("/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                if proc.poll() is not None or time.time() > end:
-                    raise AssertionError(f"ComfyUI did not start; log:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
+    with serve(base, "--disable-all-custom-nodes", "--whitelist-custom-nodes", MODULE) as server:
         category = json.loads((ROOT / "locales" / "en" / "main.json").read_text())["templateWorkflows"]["category"]
         config = {"url": server.url + "/", "chromium": CHROMIUM, "out": str(shots), "category": category[MODULE],
                   "workflows": [str(p) for p in tw.UI_FILES] + [str(write_legacy_workflow(base))],
@@ -193,14 +171,6 @@ def page_report(tmp_path_factory):
         assert run.returncode == 0, f"the browser driver failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
         print(f"\n[browser] screenshots in {shots}")
         yield json.loads((shots / "result.json").read_text()), server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _intersect(a, b) -> bool:

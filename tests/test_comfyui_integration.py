@@ -20,10 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -33,15 +30,11 @@ import pytest
 import torch
 
 import test_workflows as tw
+from helpers_comfyui import (COMFYUI_PATH, COMFYUI_PYTHON, NEEDS_COMFYUI, ROOT, error, make_base, ok, pixel_diff,
+                             run_in_comfyui, run_small, serve)
+# re-exported: tests/test_browser.py imports these from here
 
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
-COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
-ROOT = Path(__file__).resolve().parents[1]
-
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.skipif(not COMFYUI_PATH, reason="COMFYUI_PATH is not set (a ComfyUI checkout to test in)"),
-]
+pytestmark = NEEDS_COMFYUI
 
 CKPT = "v1-5-pruned-emaonly-fp16.safetensors"      # the name the shipped workflows use
 CANNY = "control_v11p_sd15_canny_fp16.safetensors"
@@ -60,29 +53,10 @@ OUR_NODES = ("CNCore_LoadControlNet", "CNCore_Preprocessor", "CNCore_ApplyContro
 # real files use (checkpoint: model.diffusion_model. / first_stage_model. / cond_stage_model.;
 # ControlNet: the unprefixed LDM layout of the v1.1 fp16 safetensors files).
 MAKE_MODELS = r'''
-import math, sys, torch
-from safetensors.torch import save_file
-comfy_path, ckpt_path, cn_path, xl_path, clora_path = sys.argv[1:6]
-sys.path.insert(0, comfy_path)
-import comfy.cli_args
-comfy.cli_args.args.cpu = True
 import comfy.ops, comfy.sd1_clip
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-from comfy.ldm.models.autoencoder import AutoencoderKL
 from comfy.cldm.cldm import ControlNet
-
-def randomize(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
-            if p.ndim >= 2:
-                v = torch.randn(p.shape, generator=g) / math.sqrt(math.prod(p.shape[1:]))
-            elif name.endswith("weight"):  # 1-D weights are norm scales
-                v = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
-            else:
-                v = 0.02 * torch.randn(p.shape, generator=g)
-            p.copy_(v)
-    return module
+ckpt_path, cn_path, xl_path, clora_path = sys.argv[1:5]
 
 def half(prefix, module):
     return {prefix + k: v.half().contiguous() for k, v in module.state_dict().items()}
@@ -96,12 +70,7 @@ unet = UNetModel(out_channels=4, transformer_depth_output=[1] * 9 + [0] * 3, dty
                  operations=ops, **SD15)
 sd = half("model.diffusion_model.", randomize(unet, 1))
 del unet
-vae = randomize(AutoencoderKL(ddconfig=dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3,
-                                            ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[],
-                                            dropout=0.0), embed_dim=4), 2)
-with torch.no_grad():
-    vae.decoder.conv_out.weight.mul_(0.2)  # keep decoded pixels mostly inside [0, 1]
-sd.update(half("first_stage_model.", vae))
+sd.update(half("first_stage_model.", random_vae(2)))
 sd.update(half("cond_stage_model.", randomize(comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32), 3)))
 save_file(sd, ckpt_path)
 del sd
@@ -140,21 +109,8 @@ save_file(half("", randomize(ControlNet(hint_channels=3, dtype=torch.float32, de
 # A full-size SD1.5 T2I-Adapter (1-channel, like the canny/sketch files) built with ComfyUI's own
 # class and saved as TencentARC's .pth files are: torch.save of the state dict (fp32).
 MAKE_T2I = r'''
-import math, sys, torch
-from safetensors.torch import save_file
-comfy_path, out_path, xl_path = sys.argv[1:4]
-sys.path.insert(0, comfy_path)
 from comfy.t2i_adapter.adapter import Adapter
-
-def randomize(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(math.prod(p.shape[1:])))
-            else:
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
-    return module
+out_path, xl_path = sys.argv[1:3]
 
 adapter = Adapter(cin=64, channels=[320, 640, 1280, 1280], nums_rb=2, ksize=1, sk=True, use_conv=False, xl=False)
 torch.save(randomize(adapter, 6).state_dict(), out_path)
@@ -167,89 +123,14 @@ save_file({k: v.contiguous() for k, v in randomize(xl, 7).state_dict().items()},
 # ------------------------------------------------------------------------------------------
 # server
 
-class Comfy:
-    def __init__(self, base: Path, port: int, proc: subprocess.Popen, log: Path):
-        self.base, self.port, self.proc, self.log = base, port, proc, log
-        self.url = f"http://127.0.0.1:{port}"
-
-    def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=60) as r:
-            return json.loads(r.read())
-
-    def post(self, path: str, data: dict) -> tuple[int, dict]:
-        req = urllib.request.Request(self.url + path, data=json.dumps(data).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                body = r.read()
-                return r.status, (json.loads(body) if body else {})
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
-
-    def queue(self, prompt: dict) -> tuple[int, dict]:
-        return self.post("/prompt", {"prompt": prompt, "client_id": "cncore-tests"})
-
-    def run(self, prompt: dict, timeout: float = 600) -> dict:
-        """Queue and wait; returns the history entry (status + outputs)."""
-        code, body = self.queue(prompt)
-        assert code == 200, f"prompt refused: {body}"
-        pid = body["prompt_id"]
-        end = time.time() + timeout
-        while time.time() < end:
-            h = self.get(f"/history/{pid}")
-            if pid in h and h[pid].get("status", {}).get("completed") is not None:
-                if h[pid]["status"].get("status_str") in ("success", "error"):
-                    return h[pid]
-            if self.proc.poll() is not None:
-                raise AssertionError(f"ComfyUI exited; log:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.3)
-        raise AssertionError(f"prompt {pid} did not finish in {timeout} s")
-
-    def images(self, entry: dict, node: str) -> list[np.ndarray]:
-        from PIL import Image
-
-        out = []
-        for im in entry["outputs"][node]["images"]:
-            path = self.base / "output" / im["subfolder"] / im["filename"]
-            out.append(np.asarray(Image.open(path).convert("RGB")).astype(np.int16))
-        return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _write_input_image(path: Path) -> None:
-    from PIL import Image, ImageDraw
-
-    im = Image.new("RGB", (64, 64), (30, 40, 60))
-    d = ImageDraw.Draw(im)
-    d.rectangle([8, 10, 40, 50], fill=(220, 200, 80))
-    d.ellipse([30, 6, 60, 36], fill=(90, 180, 230))
-    d.line([0, 63, 63, 20], fill=(255, 255, 255), width=3)
-    im.save(path)
-
-
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfyui_base")
-    for d in ("models/checkpoints", "models/controlnet", "input", "output", "user", "temp", "custom_nodes"):
-        (base / d).mkdir(parents=True, exist_ok=True)
-    os.symlink(ROOT, base / "custom_nodes" / "comfyui-controlnet-core", target_is_directory=True)
-    _write_input_image(base / "input" / "example.png")
-    script = base / "make_models.py"
-    script.write_text(MAKE_MODELS)
+    base = make_base(tmp_path_factory.mktemp("comfyui_base"))
     cn_dir = base / "models" / "controlnet"
-    subprocess.run(
-        [COMFYUI_PYTHON, str(script), COMFYUI_PATH, str(base / "models/checkpoints" / CKPT), str(cn_dir / CANNY),
-         str(cn_dir / SDXL_CN), str(cn_dir / CLORA)], check=True, cwd=base, timeout=900,
-    )
+    run_in_comfyui(base / "make_models.py", MAKE_MODELS, base / "models/checkpoints" / CKPT, cn_dir / CANNY,
+                   cn_dir / SDXL_CN, cn_dir / CLORA, timeout=900)
     os.link(cn_dir / CANNY, cn_dir / TILE)  # same weights under the second workflow name
-    (base / "make_t2i.py").write_text(MAKE_T2I)
-    subprocess.run([COMFYUI_PYTHON, str(base / "make_t2i.py"), COMFYUI_PATH, str(cn_dir / T2I), str(cn_dir / SDXL_T2I)],
-                   check=True, cwd=base, timeout=300)
+    run_in_comfyui(base / "make_t2i.py", MAKE_T2I, cn_dir / T2I, cn_dir / SDXL_T2I, timeout=300)
     os.link(cn_dir / CANNY, cn_dir / SWAP)
     os.link(base / "models/checkpoints" / CKPT, cn_dir / CKPT_AS_CN)
     from safetensors.torch import load_file, save_file
@@ -258,42 +139,8 @@ def comfy(tmp_path_factory):
     sd["input_blocks.1.0.in_layers.2.weight"] = sd["input_blocks.1.0.in_layers.2.weight"].to(torch.int8)
     save_file(sd, str(cn_dir / QUANTISED))
     (cn_dir / BROKEN).write_bytes(b"\x00\x01not a safetensors file" * 10)
-    yield from serve(base)
-
-
-def serve(base: Path, *flags: str):
-    """Start ComfyUI headless on the CPU on `base` (with extra command-line `flags`), yield a `Comfy`
-    client once it answers, stop it and delete `base` afterwards."""
-    port = _free_port()
-    log = base / "server.log"
-    with open(log, "wb") as logf:
-        proc = subprocess.Popen(
-            [COMFYUI_PYTHON, "main.py", "--cpu", *flags, "--listen", "127.0.0.1", "--port", str(port),
-             "--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
-             "--disable-metadata"],
-            cwd=COMFYUI_PATH, stdout=logf, stderr=subprocess.STDOUT,
-        )
-    server = Comfy(base, port, proc, log)
-    try:
-        end = time.time() + 240
-        while True:
-            try:
-                server.get("/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                if proc.poll() is not None or time.time() > end:
-                    raise AssertionError(f"ComfyUI did not start; log:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
+    with serve(base) as server:
         yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        print(f"\n[ComfyUI log tail]\n{log.read_text()[-1500:]}")
-        shutil.rmtree(base, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -338,23 +185,6 @@ def graph(control: str | None, loader: str = "CNCore_LoadControlNet", cn_name: s
     return p
 
 
-def _ok(entry: dict) -> dict:
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[-3000:]
-    return entry
-
-
-def _error(entry: dict) -> dict:
-    assert entry["status"]["status_str"] == "error", "the prompt was expected to fail"
-    errs = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
-    assert errs, entry["status"]
-    return errs[0]
-
-
-def _diff(a: list[np.ndarray], b: list[np.ndarray]) -> int:
-    assert len(a) == len(b) and all(x.shape == y.shape for x, y in zip(a, b))
-    return int(max(np.abs(x - y).max() for x, y in zip(a, b)))
-
-
 # ------------------------------------------------------------------------------------------
 # tests
 
@@ -397,51 +227,45 @@ def test_workflows_validate_against_real_object_info(comfy):
 
 @pytest.mark.parametrize("name", [p.name for p in SD15_WORKFLOWS])
 def test_api_workflow_runs(comfy, name):
-    prompt = json.loads((tw.WORKFLOWS / "api" / name).read_text())
-    for node in prompt.values():  # tiny and quick; everything else as shipped
-        if node["class_type"] == "EmptyLatentImage":
-            node["inputs"].update(width=64, height=64)
-        if node["class_type"] == "KSampler":
-            node["inputs"]["steps"] = 3
-        if node["class_type"] == "CNCore_Preprocessor":
-            node["inputs"]["resolution"] = 64
-    entry = _ok(comfy.run(prompt))
-    saved = [n for n, node in prompt.items() if node["class_type"] == "SaveImage"]
-    assert saved and all(comfy.images(entry, n) for n in saved)
+    run_small(comfy, json.loads((tw.WORKFLOWS / "api" / name).read_text()), steps=3)
+
+
+# (run key, loader node, apply node): ComfyUI's built-in path, ours, and the two mixed pairings
+PAIRINGS = [
+    ("builtin", "ControlNetLoader", "ControlNetApplyAdvanced"),
+    ("ours", "CNCore_LoadControlNet", "CNCore_ApplyControlNet"),
+    ("our_loader_builtin_apply", "CNCore_LoadControlNet", "ControlNetApplyAdvanced"),
+    ("builtin_loader_our_apply", "ControlNetLoader", "CNCore_ApplyControlNet"),
+]
 
 
 def test_same_image_as_comfyui_builtin_controlnet(comfy):
     runs = {}
-    for key, loader, apply in [
-        ("builtin", "ControlNetLoader", "ControlNetApplyAdvanced"),
-        ("ours", "CNCore_LoadControlNet", "CNCore_ApplyControlNet"),
-        ("our_loader_builtin_apply", "CNCore_LoadControlNet", "ControlNetApplyAdvanced"),
-        ("builtin_loader_our_apply", "ControlNetLoader", "CNCore_ApplyControlNet"),
-    ]:
-        runs[key] = comfy.images(_ok(comfy.run(graph(apply, loader=loader, prefix=key))), "9")
-    runs["none"] = comfy.images(_ok(comfy.run(graph(None, prefix="none"))), "9")
+    for key, loader, apply in PAIRINGS:
+        runs[key] = comfy.images(ok(comfy.run(graph(apply, loader=loader, prefix=key))), "9")
+    runs["none"] = comfy.images(ok(comfy.run(graph(None, prefix="none"))), "9")
     img = runs["builtin"][0]
     saturated = float(np.mean((img == 0) | (img == 255)))
-    d_ours = _diff(runs["ours"], runs["builtin"])
-    effect = _diff(runs["none"], runs["builtin"])
+    d_ours = pixel_diff(runs["ours"], runs["builtin"])
+    effect = pixel_diff(runs["none"], runs["builtin"])
     print(f"\n[parity] max pixel diff CNCore vs ComfyUI built-in: {d_ours} (of 255); "
           f"control effect (no control vs built-in): {effect}; saturated pixels: {saturated:.1%}")
     assert effect > 20, "the ControlNet should visibly change the image"
     assert saturated < 0.5, "images mostly clipped: the comparison would prove little"
     assert d_ours <= 3
     # our net in ComfyUI's apply node runs our runtime: the same image as our apply node
-    assert _diff(runs["our_loader_builtin_apply"], runs["ours"]) == 0
+    assert pixel_diff(runs["our_loader_builtin_apply"], runs["ours"]) == 0
     # ComfyUI's net in our apply node with default options is applied exactly like ComfyUI does
-    assert _diff(runs["builtin_loader_our_apply"], runs["builtin"]) == 0
+    assert pixel_diff(runs["builtin_loader_our_apply"], runs["builtin"]) == 0
     # the loader says in ComfyUI's log what it found
     assert f"CNCore: loaded {CANNY}: ControlNet for SD1.x (original layout, " in comfy.log.read_text()
 
 
 def test_schedule_and_strength_match_builtin(comfy):
     kw = dict(strength=0.7, start=0.3, end=0.8)
-    a = comfy.images(_ok(comfy.run(graph("ControlNetApplyAdvanced", loader="ControlNetLoader", prefix="s_b", **kw))), "9")
-    b = comfy.images(_ok(comfy.run(graph("CNCore_ApplyControlNet", prefix="s_o", **kw))), "9")
-    d = _diff(a, b)
+    a = comfy.images(ok(comfy.run(graph("ControlNetApplyAdvanced", loader="ControlNetLoader", prefix="s_b", **kw))), "9")
+    b = comfy.images(ok(comfy.run(graph("CNCore_ApplyControlNet", prefix="s_o", **kw))), "9")
+    d = pixel_diff(a, b)
     print(f"\n[parity] strength 0.7, start 0.3, end 0.8: max pixel diff {d}")
     assert d <= 3
 
@@ -449,35 +273,35 @@ def test_schedule_and_strength_match_builtin(comfy):
 def test_comfyui_loaded_controlnet_takes_our_options(comfy):
     """A mask (and a non-default mode) on ComfyUI's net goes through our runtime, same as our loader."""
     extra = {"control_mode": "prompt is more important"}
-    a = comfy.images(_ok(comfy.run(graph("CNCore_ApplyControlNet", loader="ControlNetLoader", mask_size=(64, 64),
+    a = comfy.images(ok(comfy.run(graph("CNCore_ApplyControlNet", loader="ControlNetLoader", mask_size=(64, 64),
                                          extra=extra, prefix="m_b"))), "9")
-    b = comfy.images(_ok(comfy.run(graph("CNCore_ApplyControlNet", mask_size=(64, 64), extra=extra, prefix="m_o"))), "9")
-    assert _diff(a, b) <= 1
+    b = comfy.images(ok(comfy.run(graph("CNCore_ApplyControlNet", mask_size=(64, 64), extra=extra, prefix="m_o"))), "9")
+    assert pixel_diff(a, b) <= 1
 
 
 def test_bad_prompts_fail_with_a_sentence_and_the_next_prompt_runs(comfy):
     # an SDXL ControlNet on an SD1.5 checkpoint: refused at apply time, before sampling
-    err = _error(comfy.run(graph("CNCore_ApplyControlNet", cn_name=SDXL_CN)))
+    err = error(comfy.run(graph("CNCore_ApplyControlNet", cn_name=SDXL_CN)))
     assert err["node_type"] == "CNCore_ApplyControlNet"
     assert "SDXL" in err["exception_message"] and "SD1.x" in err["exception_message"]
     # ... and through ComfyUI's apply node, by our object before the first step
-    err = _error(comfy.run(graph("ControlNetApplyAdvanced", cn_name=SDXL_CN)))
+    err = error(comfy.run(graph("ControlNetApplyAdvanced", cn_name=SDXL_CN)))
     assert "SDXL" in err["exception_message"] and "SD1.x" in err["exception_message"]
     # a damaged file
-    err = _error(comfy.run(graph("CNCore_ApplyControlNet", cn_name=BROKEN)))
+    err = error(comfy.run(graph("CNCore_ApplyControlNet", cn_name=BROKEN)))
     assert err["node_type"] == "CNCore_LoadControlNet" and BROKEN in err["exception_message"]
     # a name outside the model folders never reaches the loader
     code, body = comfy.queue(graph("CNCore_ApplyControlNet", cn_name="../checkpoints/" + CKPT))
     assert code == 400
     # a mask of another shape than the image, found during sampling
-    err = _error(comfy.run(graph("CNCore_ApplyControlNet", mask_size=(64, 16))))
+    err = error(comfy.run(graph("CNCore_ApplyControlNet", mask_size=(64, 16))))
     assert "mask" in err["exception_message"] and "64x64" in err["exception_message"]
     # 3 hint images for 2 latents
-    err = _error(comfy.run(graph("CNCore_ApplyControlNet", hint_batch=3, latent_batch=2)))
+    err = error(comfy.run(graph("CNCore_ApplyControlNet", hint_batch=3, latent_batch=2)))
     assert "3 hint images for 2 latents" in err["exception_message"]
     # the next valid prompt runs normally, twice (cached control objects are reset per run)
     for seed in (11, 12):  # the second re-samples with the cached conditioning and control objects
-        _ok(comfy.run(graph("CNCore_ApplyControlNet", prefix=f"after{seed}", seed=seed)))
+        ok(comfy.run(graph("CNCore_ApplyControlNet", prefix=f"after{seed}", seed=seed)))
 
 
 def test_t2i_adapter_same_image_as_comfyui_builtin(comfy):
@@ -488,41 +312,36 @@ def test_t2i_adapter_same_image_as_comfyui_builtin(comfy):
     runs = {}
     for size in ((64, 64), (72, 88)):
         tag = f"{size[0]}x{size[1]}"
-        for key, loader, apply in [
-            ("builtin", "ControlNetLoader", "ControlNetApplyAdvanced"),
-            ("ours", "CNCore_LoadControlNet", "CNCore_ApplyControlNet"),
-            ("our_loader_builtin_apply", "CNCore_LoadControlNet", "ControlNetApplyAdvanced"),
-            ("builtin_loader_our_apply", "ControlNetLoader", "CNCore_ApplyControlNet"),
-        ]:
-            runs[key, tag] = comfy.images(_ok(comfy.run(graph(apply, loader=loader, cn_name=T2I, size=size,
+        for key, loader, apply in PAIRINGS:
+            runs[key, tag] = comfy.images(ok(comfy.run(graph(apply, loader=loader, cn_name=T2I, size=size,
                                                               prefix=f"t2i_{key}_{tag}"))), "9")
-        runs["none", tag] = comfy.images(_ok(comfy.run(graph(None, size=size, prefix=f"t2i_none_{tag}"))), "9")
+        runs["none", tag] = comfy.images(ok(comfy.run(graph(None, size=size, prefix=f"t2i_none_{tag}"))), "9")
         img = runs["builtin", tag][0]
         saturated = float(np.mean((img == 0) | (img == 255)))
-        d = _diff(runs["ours", tag], runs["builtin", tag])
-        effect = _diff(runs["none", tag], runs["builtin", tag])
+        d = pixel_diff(runs["ours", tag], runs["builtin", tag])
+        effect = pixel_diff(runs["none", tag], runs["builtin", tag])
         print(f"\n[t2i parity] {tag}: max pixel diff CNCore vs ComfyUI built-in: {d} (of 255); control effect: "
               f"{effect}; saturated pixels: {saturated:.1%}")
         assert effect > 20, "the adapter should visibly change the image"
         assert saturated < 0.5, "images mostly clipped: the comparison would prove little"
         assert d <= 1
-        assert _diff(runs["our_loader_builtin_apply", tag], runs["ours", tag]) == 0
-        assert _diff(runs["builtin_loader_our_apply", tag], runs["builtin", tag]) == 0
+        assert pixel_diff(runs["our_loader_builtin_apply", tag], runs["ours", tag]) == 0
+        assert pixel_diff(runs["builtin_loader_our_apply", tag], runs["builtin", tag]) == 0
     assert f"CNCore: loaded {T2I}: T2I-Adapter for SD1.x (tencentarc layout, " in comfy.log.read_text()
     # ComfyUI's adapter with our options (a mask) is converted to ours: the same image as our loader's
     extra = {"control_mode": "prompt is more important"}
-    a = comfy.images(_ok(comfy.run(graph("CNCore_ApplyControlNet", loader="ControlNetLoader", cn_name=T2I,
+    a = comfy.images(ok(comfy.run(graph("CNCore_ApplyControlNet", loader="ControlNetLoader", cn_name=T2I,
                                          mask_size=(64, 64), extra=extra, prefix="t2i_m_b"))), "9")
-    b = comfy.images(_ok(comfy.run(graph("CNCore_ApplyControlNet", cn_name=T2I, mask_size=(64, 64), extra=extra,
+    b = comfy.images(ok(comfy.run(graph("CNCore_ApplyControlNet", cn_name=T2I, mask_size=(64, 64), extra=extra,
                                          prefix="t2i_m_o"))), "9")
-    assert _diff(a, b) <= 1
+    assert pixel_diff(a, b) <= 1
 
 
 def test_t2i_adapter_on_the_wrong_model_or_stacked_wrongly_gets_a_sentence(comfy):
     # an SDXL adapter on an SD1.5 checkpoint: refused by our apply node, and by our object before the
     # first step when it sits in ComfyUI's apply node
     for apply in ("CNCore_ApplyControlNet", "ControlNetApplyAdvanced"):
-        err = _error(comfy.run(graph(apply, cn_name=SDXL_T2I)))
+        err = error(comfy.run(graph(apply, cn_name=SDXL_T2I)))
         msg = err["exception_message"]
         assert f"T2I-Adapter '{SDXL_T2I}' is made for SDXL models" in msg and "SD1.x" in msg, msg
     # an SD1.5 adapter stacked with an SDXL ControlNet: refused at apply, naming both
@@ -531,10 +350,10 @@ def test_t2i_adapter_on_the_wrong_model_or_stacked_wrongly_gets_a_sentence(comfy
     p["15"] = {"class_type": "CNCore_CombineControls", "inputs": {
         "control_net": ["14", 0], "image": ["4", 0], "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}
     p["11"]["inputs"]["control_stack"] = ["15", 0]
-    err = _error(comfy.run(p))
+    err = error(comfy.run(p))
     assert "different architectures" in err["exception_message"] and "T2I-Adapter" in err["exception_message"]
     # the next prompt with the adapter runs
-    _ok(comfy.run(graph("CNCore_ApplyControlNet", cn_name=T2I, prefix="t2i_after")))
+    ok(comfy.run(graph("CNCore_ApplyControlNet", cn_name=T2I, prefix="t2i_after")))
 
 
 def test_control_lora_matches_comfyui_builtin(comfy):
@@ -543,23 +362,18 @@ def test_control_lora_matches_comfyui_builtin(comfy):
     the mixed pairings. Our loader's two runs sample separately, so the second one rebuilds the
     merged copy the first one's cleanup freed."""
     runs = {}
-    for key, loader, apply in [
-        ("builtin", "ControlNetLoader", "ControlNetApplyAdvanced"),
-        ("ours", "CNCore_LoadControlNet", "CNCore_ApplyControlNet"),
-        ("our_loader_builtin_apply", "CNCore_LoadControlNet", "ControlNetApplyAdvanced"),
-        ("builtin_loader_our_apply", "ControlNetLoader", "CNCore_ApplyControlNet"),
-    ]:
-        runs[key] = comfy.images(_ok(comfy.run(graph(apply, loader=loader, cn_name=CLORA, prefix=f"cl_{key}"))), "9")
-    runs["none"] = comfy.images(_ok(comfy.run(graph(None, prefix="cl_none"))), "9")
-    d_ours = _diff(runs["ours"], runs["builtin"])
-    effect = _diff(runs["none"], runs["builtin"])
+    for key, loader, apply in PAIRINGS:
+        runs[key] = comfy.images(ok(comfy.run(graph(apply, loader=loader, cn_name=CLORA, prefix=f"cl_{key}"))), "9")
+    runs["none"] = comfy.images(ok(comfy.run(graph(None, prefix="cl_none"))), "9")
+    d_ours = pixel_diff(runs["ours"], runs["builtin"])
+    effect = pixel_diff(runs["none"], runs["builtin"])
+    mixed = (pixel_diff(runs["our_loader_builtin_apply"], runs["ours"]),
+             pixel_diff(runs["builtin_loader_our_apply"], runs["builtin"]))
     print(f"\n[parity] Control-LoRA: max pixel diff CNCore vs ComfyUI built-in: {d_ours} (of 255); control effect "
-          f"(no control vs built-in): {effect}; mixed pairings: "
-          f"{_diff(runs['our_loader_builtin_apply'], runs['ours'])}, {_diff(runs['builtin_loader_our_apply'], runs['builtin'])}")
+          f"(no control vs built-in): {effect}; mixed pairings: {mixed[0]}, {mixed[1]}")
     assert effect > 20, "the Control-LoRA should visibly change the image"
     assert d_ours <= 1
-    assert _diff(runs["our_loader_builtin_apply"], runs["ours"]) == 0
-    assert _diff(runs["builtin_loader_our_apply"], runs["builtin"]) == 0
+    assert mixed == (0, 0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -677,6 +491,8 @@ def test_comfyui_unloading_our_controlnet_drops_its_fast_path_state(tmp_path):
                           timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ON_DETACH released the runner" in done.stdout
+
+
 def _memory(pid: int) -> tuple[int, int]:
     """(resident now, resident peak since the last `_reset_peak`) of a process, in bytes (Linux /proc)."""
     with open(f"/proc/{pid}/status") as f:
@@ -692,11 +508,11 @@ def _reset_peak(pid: int) -> None:
 def test_checkpoint_in_the_controlnet_folder_is_refused_without_reading_it(comfy):
     """The 2.1 GB SD1.5 checkpoint under models/controlnet: refused from its header. Before the
     header-first loader, ComfyUI's memory grew by 1.3-1.8 GB here (the file read and upcast)."""
-    _ok(comfy.run(graph("CNCore_ApplyControlNet", prefix="warm")))  # everything else loaded and cached
+    ok(comfy.run(graph("CNCore_ApplyControlNet", prefix="warm")))  # everything else loaded and cached
     pid = comfy.proc.pid
     _reset_peak(pid)
     before, _ = _memory(pid)
-    err = _error(comfy.run(graph("CNCore_ApplyControlNet", cn_name=CKPT_AS_CN)))
+    err = error(comfy.run(graph("CNCore_ApplyControlNet", cn_name=CKPT_AS_CN)))
     after, peak = _memory(pid)
     size = (comfy.base / "models" / "controlnet" / CKPT_AS_CN).stat().st_size
     print(f"\n[memory] {size / 2**30:.2f} GiB checkpoint refused: ComfyUI resident {before / 2**20:.0f} MiB before, "
@@ -704,11 +520,11 @@ def test_checkpoint_in_the_controlnet_folder_is_refused_without_reading_it(comfy
     assert err["node_type"] == "CNCore_LoadControlNet"
     assert f"{CKPT_AS_CN}: this is a full Stable Diffusion checkpoint" in err["exception_message"]
     assert peak - before < 100 * 2**20
-    _ok(comfy.run(graph("CNCore_ApplyControlNet", prefix="after_ckpt", seed=13)))
+    ok(comfy.run(graph("CNCore_ApplyControlNet", prefix="after_ckpt", seed=13)))
 
 
 def test_int8_weights_are_named_with_key_and_dtype(comfy):
-    err = _error(comfy.run(graph("CNCore_ApplyControlNet", cn_name=QUANTISED)))
+    err = error(comfy.run(graph("CNCore_ApplyControlNet", cn_name=QUANTISED)))
     assert err["node_type"] == "CNCore_LoadControlNet"
     assert (f"{QUANTISED}: the weight input_blocks.1.0.in_layers.2.weight is stored as I8, but the weights of "
             "a ControlNet") in err["exception_message"]
@@ -716,15 +532,15 @@ def test_int8_weights_are_named_with_key_and_dtype(comfy):
 
 def test_a_file_replaced_under_the_same_name_is_loaded_anew(comfy):
     cn_dir = comfy.base / "models" / "controlnet"
-    _ok(comfy.run(graph("CNCore_ApplyControlNet", cn_name=SWAP, prefix="swap_sd15")))
+    ok(comfy.run(graph("CNCore_ApplyControlNet", cn_name=SWAP, prefix="swap_sd15")))
     new = cn_dir / "incoming.part"  # not a model extension: never listed
     shutil.copyfile(cn_dir / SDXL_CN, new)
     os.replace(new, cn_dir / SWAP)  # an SDXL ControlNet now has the name the SD1.5 one had
-    err = _error(comfy.run(graph("CNCore_ApplyControlNet", cn_name=SWAP, prefix="swap_sdxl")))
+    err = error(comfy.run(graph("CNCore_ApplyControlNet", cn_name=SWAP, prefix="swap_sdxl")))
     assert "SDXL" in err["exception_message"] and "SD1.x" in err["exception_message"]
     (cn_dir / SWAP).unlink()
     os.link(cn_dir / CANNY, cn_dir / SWAP)
-    _ok(comfy.run(graph("CNCore_ApplyControlNet", cn_name=SWAP, prefix="swap_back")))
+    ok(comfy.run(graph("CNCore_ApplyControlNet", cn_name=SWAP, prefix="swap_back")))
 
 
 def test_rgba_hint_in_apply_and_combine_drops_its_alpha(comfy):
@@ -741,8 +557,8 @@ def test_rgba_hint_in_apply_and_combine_drops_its_alpha(comfy):
         p["16"] = {"class_type": "CNCore_CombineControls", "inputs": {
             "control_net": ["10", 0], "image": image, "strength": 0.5, "start_percent": 0.0, "end_percent": 1.0}}
         p["11"]["inputs"].update(image=image, control_stack=["16", 0])
-        runs[key] = comfy.images(_ok(comfy.run(p)), "9")
-    assert _diff(runs["rgba"], runs["rgb"]) == 0
+        runs[key] = comfy.images(ok(comfy.run(p)), "9")
+    assert pixel_diff(runs["rgba"], runs["rgb"]) == 0
 
 
 def _preprocessed(**params) -> dict:
@@ -767,7 +583,7 @@ def test_preprocessor_values_out_of_range_are_refused_through_the_api(comfy, par
 
 def test_preprocessor_nan_through_the_api_gets_our_sentence(comfy):
     # NaN passes ComfyUI's range check (every comparison with NaN is false): the node answers
-    err = _error(comfy.run(_preprocessed(blur=float("nan"))))
+    err = error(comfy.run(_preprocessed(blur=float("nan"))))
     assert err["node_type"] == "CNCore_Preprocessor"
     assert "canny: parameter 'blur' must be a number; got nan" in err["exception_message"]
 
@@ -807,7 +623,7 @@ def test_front_end_routes_and_files_in_real_comfyui(comfy):
             node["inputs"].update(width=64, height=64)
         if node["class_type"] == "KSampler":
             node["inputs"]["steps"] = 1
-    _ok(comfy.run(prompt))
+    ok(comfy.run(prompt))
     last = preview({"method": "canny", "params": params, "resolution": 64, "last_run": "5"})
     assert from_file.shape == (64, 64, 3) and 0 < (from_file > 0).mean() < 0.5
     np.testing.assert_array_equal(last, from_file)

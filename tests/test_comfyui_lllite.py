@@ -1,42 +1,35 @@
-"""ControlNet-LLLite inside a real ComfyUI, over HTTP, on the CPU (runs only with COMFYUI_PATH).
+"""ControlNet-LLLite inside a real ComfyUI, over HTTP, on the CPU, on a tiny SDXL-shaped stand-in
+(runs only with COMFYUI_PATH).
 
-Why a stand-in model. LLLite exists for SDXL only, and ComfyUI only recognises SDXL by its exact
-shapes (model_channels 320, transformer depths [0, 0, 2, 2, 10, 10]), i.e. the full 2.6 B-parameter
-UNet (10.3 GB in fp32, as ComfyUI runs it on the CPU) plus the two text encoders (0.8 B parameters):
-more RAM than a CPU test on a shared 24 GB machine should take (estimated from the sizes, not
-attempted). So a small test pack (written into the temporary ComfyUI base, never shipped) builds a tiny
-SDXL-shaped model with ComfyUI's OWN classes (`supported_models.SDXL`, `model_base.SDXL`,
-`openaimodel.UNetModel`: SDXL's block numbering and `y`, widths 64/128/256, 1-2 transformer blocks),
-random text conditioning of SDXL's widths (2048 / pooled 1280), and `CNCoreTest_KohyaLLLite`: the
-reference, an LLLite applied the way kohya's own ComfyUI node does it (a cloned MODEL with
-`set_model_attn1_patch` / `set_model_attn2_patch`), with kohya's module math written out in
-F.conv2d / F.linear. Everything between (ComfyUI's sampler, `transformer_options`,
-`BasicTransformerBlock` calling the patches with `block` / `block_index`, our nodes) is the real
-thing. Latents are compared (SaveLatent), so no VAE is needed.
+The same LLLite check at the full SDXL size runs in tests/test_comfyui_union.py (a random full-size
+SDXL checkpoint: ~3 min to write, 15 GB of RAM), with `check_lllite_parity` and the reference
+node of TEST_PACK from here. This module is the quick one (under a minute, ~2 GB) and holds what
+the full size does not: LLLite + a ControlNet in one stack, and the refusals. A small test pack
+(written into the temporary ComfyUI base, never shipped) builds a tiny SDXL-shaped model with
+ComfyUI's OWN classes (`supported_models.SDXL`, `model_base.SDXL`, `openaimodel.UNetModel`: SDXL's
+block numbering and `y`, widths 64/128/256, 1-2 transformer blocks), random text conditioning of
+SDXL's widths (2048 / pooled 1280), and `CNCoreTest_KohyaLLLite`: the reference, an LLLite applied
+the way kohya's own ComfyUI node does it (a cloned MODEL with `set_model_attn1_patch` /
+`set_model_attn2_patch`), with kohya's module math written out in F.conv2d / F.linear. Everything
+between (ComfyUI's sampler, `transformer_options`, `BasicTransformerBlock` calling the patches with
+`block` / `block_index`, our nodes) is the real thing. Latents are compared (SaveLatent), so no VAE
+is needed.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
 import time
-import urllib.error
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import safetensors.torch
 import torch
 
-import test_workflows as tw
-from test_comfyui_integration import COMFYUI_PATH, COMFYUI_PYTHON, ROOT, Comfy, _error, _free_port, _ok, _write_input_image
+from helpers_comfyui import NEEDS_COMFYUI, Comfy, error, make_base, ok, run_in_comfyui, serve
 from test_lllite import lllite_state_dict
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.skipif(not COMFYUI_PATH, reason="COMFYUI_PATH is not set (a ComfyUI checkout to test in)"),
-]
+pytestmark = NEEDS_COMFYUI
 
 XL_UNET = "cncore_tiny_sdxl_unet.safetensors"
 SD15_UNET = "cncore_tiny_sd15_unet.safetensors"
@@ -48,28 +41,10 @@ XL_BLOCKS = {"input_blocks_4": (1, 128), "input_blocks_5": (1, 128), "input_bloc
              "input_blocks_8": (2, 256), "middle_block": (2, 256)}
 
 MAKE_MODELS = r'''
-import math, sys, torch
-from safetensors.torch import save_file
-comfy_path, xl_path, sd15_path, cn_path = sys.argv[1:5]
-sys.path.insert(0, comfy_path)
-import comfy.cli_args
-comfy.cli_args.args.cpu = True
 import comfy.ops
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy.cldm.cldm import ControlNet
-
-def randomize(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
-            if p.ndim >= 2:
-                v = torch.randn(p.shape, generator=g) / math.sqrt(math.prod(p.shape[1:]))
-            elif name.endswith("weight"):
-                v = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
-            else:
-                v = 0.02 * torch.randn(p.shape, generator=g)
-            p.copy_(v)
-    return module
+xl_path, sd15_path, cn_path = sys.argv[1:4]
 
 def save(module, path):
     save_file({k: v.contiguous() for k, v in module.state_dict().items()}, path)
@@ -89,7 +64,7 @@ save(randomize(UNetModel(out_channels=4, transformer_depth_output=[1] * 9 + [0] 
 '''
 
 TEST_PACK = r'''
-"""Test-only nodes for tests/test_comfyui_lllite.py (written into a temporary ComfyUI base)."""
+"""Test-only nodes for tests/test_comfyui_lllite.py and test_comfyui_union.py (written into a temporary ComfyUI base)."""
 import torch
 import torch.nn.functional as F
 
@@ -209,57 +184,31 @@ NODE_CLASS_MAPPINGS = {"CNCoreTest_TinyModel": TinyModel, "CNCoreTest_Conditioni
 '''
 
 
+TEST_PACK_NAME = "cncore_testing_lllite"
+
+
+def add_test_pack(base: Path) -> None:
+    """Put TEST_PACK (the stand-in model, conditioning and the kohya-style reference) into base's custom_nodes."""
+    (base / "custom_nodes" / TEST_PACK_NAME).mkdir()
+    (base / "custom_nodes" / TEST_PACK_NAME / "__init__.py").write_text(TEST_PACK)
+
+
 @pytest.fixture(scope="module")
 def xl(tmp_path_factory):
     t0 = time.time()
-    base = tmp_path_factory.mktemp("comfyui_lllite")
-    for d in ("models/diffusion_models", "models/controlnet", "input", "output", "user", "temp", "custom_nodes"):
-        (base / d).mkdir(parents=True, exist_ok=True)
-    os.symlink(ROOT, base / "custom_nodes" / "comfyui-controlnet-core", target_is_directory=True)
-    (base / "custom_nodes" / "cncore_testing_lllite").mkdir()
-    (base / "custom_nodes" / "cncore_testing_lllite" / "__init__.py").write_text(TEST_PACK)
-    _write_input_image(base / "input" / "example.png")
-    script = base / "make_models.py"
-    script.write_text(MAKE_MODELS)
+    base = make_base(tmp_path_factory.mktemp("comfyui_lllite"), "models/diffusion_models")
+    add_test_pack(base)
     models = base / "models"
-    subprocess.run([COMFYUI_PYTHON, str(script), COMFYUI_PATH, str(models / "diffusion_models" / XL_UNET),
-                    str(models / "diffusion_models" / SD15_UNET), str(models / "controlnet" / XL_CN)],
-                   check=True, cwd=base, timeout=600)
+    run_in_comfyui(base / "make_models.py", MAKE_MODELS, models / "diffusion_models" / XL_UNET,
+                   models / "diffusion_models" / SD15_UNET, models / "controlnet" / XL_CN, timeout=600)
     safetensors.torch.save_file(lllite_state_dict(XL_BLOCKS, e=8, m=16, seed=3, dtype=torch.float16),
                                 models / "controlnet" / LLLITE)
     wide = {**XL_BLOCKS, "input_blocks_4": (1, 640)}
     safetensors.torch.save_file(lllite_state_dict(wide, e=8, m=16, seed=4), models / "controlnet" / WIDE_LLLITE)
-    port = _free_port()
-    log = base / "server.log"
-    with open(log, "wb") as logf:
-        proc = subprocess.Popen(
-            [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
-             str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch", "--disable-metadata",
-             "--disable-all-custom-nodes", "--whitelist-custom-nodes", "comfyui-controlnet-core", "cncore_testing_lllite"],
-            cwd=COMFYUI_PATH, stdout=logf, stderr=subprocess.STDOUT,
-        )
-    server = Comfy(base, port, proc, log)
-    try:
-        end = time.time() + 240
-        while True:
-            try:
-                server.get("/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                if proc.poll() is not None or time.time() > end:
-                    raise AssertionError(f"ComfyUI did not start; log:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
+    with serve(base, "--disable-all-custom-nodes", "--whitelist-custom-nodes", "comfyui-controlnet-core",
+               TEST_PACK_NAME) as server:
         print(f"\n[lllite] fixtures + ComfyUI start: {time.time() - t0:.1f} s")
         yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        print(f"\n[ComfyUI log tail]\n{log.read_text()[-1500:]}")
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def graph(ours: str | None = None, ref: str | None = None, *, strength: float = 1.0, start: float = 0.0,
@@ -311,9 +260,14 @@ def latent(server: Comfy, entry: dict, node: str = "9") -> torch.Tensor:
     return safetensors.torch.load_file(server.base / "output" / f["subfolder"] / f["filename"])["latent_tensor"]
 
 
-def run_latent(server: Comfy, prompt: dict) -> tuple[torch.Tensor, float]:
+def run_latent(server: Comfy, prompt: dict, sampled: bool = False) -> tuple[torch.Tensor, float]:
+    """The saved latent of `prompt` and the seconds it took; `sampled`: the KSampler (node "7") must
+    have run, not come from ComfyUI's cache."""
     t0 = time.time()
-    entry = _ok(server.run(prompt))
+    entry = ok(server.run(prompt, timeout=3600))
+    if sampled:
+        cached = [m[1]["nodes"] for m in entry["status"]["messages"] if m[0] == "execution_cached"]
+        assert cached and "7" not in cached[0], cached
     return latent(server, entry), time.time() - t0
 
 
@@ -321,24 +275,36 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-# ------------------------------------------------------------------------------------------
-
-def test_lllite_in_comfyui_equals_kohyas_patch_and_leaves_no_trace(xl):
-    plain, t_plain = run_latent(xl, graph(prefix="plain"))
-    ours, t_ours = run_latent(xl, graph(LLLITE, prefix="ours"))
-    ref, t_ref = run_latent(xl, graph(ref=LLLITE, prefix="ref"))
-    after, _ = run_latent(xl, graph(prefix="after"))  # a prompt without LLLite, after one with it
+def check_lllite_parity(server: Comfy, graph: Callable[..., dict], lllite: str, tag: str) -> None:
+    """Our loader + Apply with the LLLite file `lllite` against the kohya-style patch
+    (CNCoreTest_KohyaLLLite) on the same model: relative difference of the sampled latents <= 1e-4 at
+    the defaults and at strength 0.6, start/end 0.2/0.7 (the window must hold a sampling step: 3
+    steps of the normal schedule do, 2 do not); the control changes the result; a prompt without it
+    right after ours samples anew and gives the latent of the one before, bit for bit.
+    `graph(ours, ref, *, strength, start, end, prefix)` builds the prompts (latent saved by node "9")."""
+    plain, t_plain = run_latent(server, graph(prefix="plain"))
+    ours, t_ours = run_latent(server, graph(lllite, prefix="ours"))
+    after, _ = run_latent(server, graph(prefix="after"), sampled=True)
+    ref, t_ref = run_latent(server, graph(ref=lllite, prefix="ref"))
     kw = dict(strength=0.6, start=0.2, end=0.7)
-    ours_s, _ = run_latent(xl, graph(LLLITE, prefix="ours_s", **kw))
-    ref_s, _ = run_latent(xl, graph(ref=LLLITE, prefix="ref_s", **kw))
-    print(f"\n[lllite] rel. difference ours vs kohya patch: {rel(ours, ref):.2e} (max abs "
-          f"{(ours - ref).abs().max():.2e}); strength 0.6, start 0.2, end 0.7: {rel(ours_s, ref_s):.2e}; "
-          f"effect of the control: {rel(plain, ref):.3f}; seconds per prompt: plain {t_plain:.1f}, ours {t_ours:.1f}, "
-          f"reference {t_ref:.1f}")
+    ours_s, _ = run_latent(server, graph(lllite, prefix="ours_s", **kw))
+    ref_s, _ = run_latent(server, graph(ref=lllite, prefix="ref_s", **kw))
+    print(f"\n[lllite, {tag}] rel. difference ours vs kohya patch: {rel(ours, ref):.2e} (max abs "
+          f"{(ours - ref).abs().max():.2e}); strength 0.6, start 0.2, end 0.7: {rel(ours_s, ref_s):.2e} (max abs "
+          f"{(ours_s - ref_s).abs().max():.2e}); effect of the control: {rel(plain, ref):.3f} (with the window: "
+          f"{rel(plain, ref_s):.3f}); seconds per prompt: "
+          f"plain {t_plain:.1f}, ours {t_ours:.1f}, reference {t_ref:.1f}")
     assert rel(plain, ref) > 1e-2, "the LLLite should change the result"
     assert rel(ours, ref) <= 1e-4
     assert rel(ours_s, ref_s) <= 1e-4 and rel(ours_s, ours) > 1e-3
+    assert rel(plain, ref_s) > 1e-3, "no sampling step inside start/end: the comparison would prove little"
     assert torch.equal(after, plain), "a prompt after an LLLite prompt must be untouched by it"
+
+
+# ------------------------------------------------------------------------------------------
+
+def test_lllite_in_comfyui_equals_kohyas_patch_and_leaves_no_trace(xl):
+    check_lllite_parity(xl, graph, LLLITE, "tiny SDXL-shaped stand-in")
 
 
 def test_lllite_and_a_controlnet_in_one_stack(xl):
@@ -351,46 +317,11 @@ def test_lllite_and_a_controlnet_in_one_stack(xl):
 
 
 def test_bad_lllite_prompts_fail_with_a_sentence_and_the_next_prompt_runs(xl):
-    err = _error(xl.run(graph(WIDE_LLLITE, prefix="wide")))
+    err = error(xl.run(graph(WIDE_LLLITE, prefix="wide")))
     assert "attention in input block 4 is 640 wide" in err["exception_message"], err["exception_message"]
-    err = _error(xl.run(graph(LLLITE, family="sd15", prefix="sd15")))
+    err = error(xl.run(graph(LLLITE, family="sd15", prefix="sd15")))
     assert err["node_type"] == "CNCore_ApplyControlNet"
     assert "made for SDXL models" in err["exception_message"] and "SD1.x" in err["exception_message"]
     plain, _ = run_latent(xl, graph(prefix="plain2"))
     again, _ = run_latent(xl, graph(prefix="plain3"))
     assert torch.equal(plain, again)
-
-
-def test_the_shipped_lllite_workflow_runs_on_the_stand_in(xl):
-    """The API twin of workflows/ControlNet-LLLite - Canny (SDXL).json with its SDXL checkpoint, text
-    encoders and decoder swapped for the stand-ins; the LLLite part (image, preprocessor, loader, apply,
-    sampler) as shipped."""
-    ui, prompt = tw.load_pair(tw.WORKFLOWS / "ControlNet-LLLite - Canny (SDXL).json")
-    specs = xl.get("/object_info")
-    shipped = json.loads(json.dumps(specs))  # the real specs; the SDXL files are not in this base's folders
-    shipped["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] = tw.FILES
-    shipped["CNCore_LoadControlNet"]["input"]["required"]["control_net_name"][0] = tw.FILES
-    assert tw.validate_api(prompt, shipped) == []
-    assert tw.validate_ui(ui, shipped) == []
-    assert tw.same_graph(ui, prompt, shipped) == []
-    for nid, node in list(prompt.items()):
-        ct, inputs = node["class_type"], node["inputs"]
-        if ct == "CheckpointLoaderSimple":
-            prompt[nid] = {"class_type": "CNCoreTest_TinyModel", "inputs": {"unet_name": XL_UNET, "family": "sdxl"}}
-        elif ct == "CLIPTextEncode":
-            prompt[nid] = {"class_type": "CNCoreTest_Conditioning", "inputs": {"seed": len(inputs["text"]), "width": 2048}}
-        elif ct == "CNCore_LoadControlNet":
-            inputs["control_net_name"] = LLLITE
-        elif ct == "EmptyLatentImage":
-            inputs.update(width=64, height=64)
-        elif ct == "KSampler":
-            inputs["steps"] = 3
-        elif ct == "CNCore_Preprocessor":
-            inputs["resolution"] = 64
-        elif ct == "VAEDecode":
-            prompt[nid] = {"class_type": "SaveLatent", "inputs": {"samples": inputs["samples"], "filename_prefix": "wf"}}
-    for nid in [n for n, node in prompt.items() if node["class_type"] == "SaveImage"]:
-        del prompt[nid]
-    assert tw.validate_api(prompt, specs) == []  # the stand-in graph, against the real lists
-    entry = _ok(xl.run(prompt))
-    assert any("latents" in out for out in entry["outputs"].values())

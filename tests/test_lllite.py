@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import safetensors.torch

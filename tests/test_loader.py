@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from comfyui_controlnet_core.controlnet_core.config import PRESETS, SD15, SD21, SDXL
+from comfyui_controlnet_core.controlnet_core.config import PRESETS, SD15, SD21
 from comfyui_controlnet_core.controlnet_core.errors import LoadError
 from comfyui_controlnet_core.controlnet_core.formats.diffusers import from_diffusers_config, to_diffusers_config
 from comfyui_controlnet_core.controlnet_core.loader import infer_config, load_controlnet, save_controlnet

@@ -16,7 +16,6 @@ import os
 import sys
 import time
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -11,7 +11,6 @@ import torch
 from comfyui_controlnet_core.controlnet_core.control import Control, ControlSettings
 from comfyui_controlnet_core.controlnet_core.sampler import sample
 from comfyui_controlnet_core.controlnet_core.schedule import DiscreteSchedule
-from comfyui_controlnet_core.controlnet_core.unet import UNet
 from helpers_models import make_tiny_config, random_controlnet, rel_err
 from test_unet import unet_pair
 
