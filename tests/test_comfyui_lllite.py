@@ -297,7 +297,12 @@ def check_lllite_parity(server: Comfy, graph: Callable[..., dict], lllite: str, 
     assert rel(plain, ref) > 1e-2, "the LLLite should change the result"
     assert rel(ours, ref) <= 1e-4
     assert rel(ours_s, ref_s) <= 1e-4 and rel(ours_s, ours) > 1e-3
-    assert rel(plain, ref_s) > 1e-3, "no sampling step inside start/end: the comparison would prove little"
+    # the window must hold a sampling step: the windowed control's effect stands far above the
+    # difference measured between ours and the reference (on the tiny stand-in it is ~1e-3 at
+    # strength 0.6 with one of 3 steps inside, against a difference of ~3e-7)
+    effect_s = rel(plain, ref_s)
+    assert effect_s > 1e-4 and effect_s > 100 * rel(ours_s, ref_s), \
+        "no sampling step inside start/end: the comparison would prove little"
     assert torch.equal(after, plain), "a prompt after an LLLite prompt must be untouched by it"
 
 
