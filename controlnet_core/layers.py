@@ -178,10 +178,21 @@ class SpatialTransformer(nn.Module):
             x = block(x, context, patch)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        # The token-major result viewed as (b, c, h, w) is channels_last; copied back to the layout of
+        # the block's input, as ComfyUI and diffusers do (.contiguous()). Left as the view, every later
+        # layer ran channels_last with NCHW weights: 19-32 % slower per ControlNet call on a CPU
+        # (benchmarks/results/control_call_cpu.md). A channels_last net (fast.prepare) stays so.
+        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous(memory_format=memory_format(x_in))
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in
+
+
+def memory_format(t: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-d tensor laid out so (and not also plain contiguous), else contiguous."""
+    if t.ndim == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class Downsample(nn.Module):

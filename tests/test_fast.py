@@ -278,6 +278,23 @@ def test_channels_last_prepare_same_values_on_cpu():
         assert (x - y).norm() <= 1e-5 * y.norm()
 
 
+def test_channels_last_net_keeps_its_layout_through_attention():
+    """The attention blocks give back their input's layout: a channels_last-prepared net stays
+    channels_last inside (what the prepare measured), a plain one stays NCHW (layers.SpatialTransformer)."""
+    net = make_net()
+    block = next(m for m in net.modules() if type(m).__name__ == "SpatialTransformer")
+    c = block.norm.num_channels
+    x = torch.randn(2, c, 4, 6)
+    ctx = torch.randn(2, 5, net.config.context_dim)
+    with torch.no_grad():
+        plain = block(x, ctx)
+        fast.prepare(net, channels_last=True)
+        cl = block(x.to(memory_format=torch.channels_last), ctx)
+    assert plain.is_contiguous()
+    assert cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous()
+    assert (cl - plain).norm() <= 1e-5 * plain.norm()
+
+
 def test_runner_dies_with_its_controls():
     """A run's controls dropped (ComfyUI's cleanup drops its stack) -> its runner, with its graphs
     and static buffers, goes too: nothing of a finished run stays in the module-level cache."""

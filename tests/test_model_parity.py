@@ -74,6 +74,17 @@ def test_diffusers_folder_matches_diffusers(reference):
     _assert_parity(got, reference["expected"], what=f"{reference['arch']} tiny, 16x16 latent, fp32")
 
 
+def test_residual_layout_matches_diffusers(reference):
+    """Our residuals come out in diffusers' memory layout (contiguous NCHW), like ComfyUI's: the
+    attention blocks' tokens -> image reshape is a channels_last view that, left so, made every later
+    layer run channels_last with NCHW weights (19-32 % slower per call on a CPU,
+    benchmarks/results/control_call_cpu.md)."""
+    got = run_ours(reference["ours"], reference["inp"])
+    for i, (a, b) in enumerate(zip(got, reference["expected"])):
+        assert b.is_contiguous()
+        assert a.is_contiguous(), f"residual {i} {tuple(a.shape)} has strides {a.stride()}"
+
+
 @pytest.mark.parametrize(
     "fmt, filename",
     [
