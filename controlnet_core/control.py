@@ -114,7 +114,8 @@ class ControlModel(Protocol):
     built from them (Control-LoRA) build themselves, families that patch the host's attention
     (LLLite) check that its widths fit; with it, `bound_bytes` (what binding allocates, for a
     host's memory planning) and `unbind_host()` (frees it; a host calls it when its run ends);
-    `supports_fast_path` (the CUDA runner handles the plain ControlNet);
+    `fast_path_net`: the `model.ControlNet` the CUDA runner (fast/) may run for this model now, or
+    None (the plain path runs; absent means None);
     `soft_weights`: the family's own "soft" factors, one per output (T2I-Adapter: A1111's table),
     used instead of `SOFT_BASE ** (n-1-i)`; `supports_global_pool` (default True): False where
     global average pooling has no meaning (a T2I-Adapter), so asking for it is an error, not

@@ -65,9 +65,6 @@ class ControlLoRA(ConfigMembers, nn.Module):
     """A Control-LoRA; implements `control.ControlModel` (see the module docstring)."""
 
     family = "Control-LoRA"
-    # The CUDA runner (fast/) is written for `model.ControlNet` objects; a Control-LoRA runs the
-    # plain path (its merged ControlNet, the same forward).
-    supports_fast_path = False
 
     def __init__(self, config: ControlNetConfig, full: dict[str, torch.Tensor], lowrank: dict[str, fmt.LowRank],
                  ops: Any = None, dtype: torch.dtype | None = None, name: str = "Control-LoRA"):
@@ -121,6 +118,12 @@ class ControlLoRA(ConfigMembers, nn.Module):
     def bound_net(self) -> ControlNet | None:
         """The merged ControlNet of the current base model (None before `bind_host`)."""
         return None if self._bound is None else self._bound.net
+
+    @property
+    def fast_path_net(self) -> ControlNet | None:
+        """What the CUDA runner (fast/) runs: the merged ControlNet, a plain `model.ControlNet`. A new
+        merge is a new net, so the runner drops the graphs of the old one (they replay its addresses)."""
+        return self.bound_net
 
     # ---- the base model -------------------------------------------------------------------
 

@@ -83,7 +83,7 @@ class ControlNetLLLite(nn.Module):
     host_archs = ("sdxl",)
     context_dim = None  # reads no text and no `y`
     adm_channels = None
-    supports_fast_path = False
+    fast_path_net = None
 
     def __init__(self, specs: Sequence[ModuleSpec], ops: Any = None, device: Any = None, dtype: torch.dtype | None = None):
         super().__init__()

@@ -80,7 +80,12 @@ class ControlNet(ConfigMembers, nn.Module):
     """The classic ControlNet; also the reference implementation of `control.ControlModel`."""
 
     family = "ControlNet"
-    supports_fast_path = True  # the CUDA runner (fast/) is written for exactly this forward
+
+    @property
+    def fast_path_net(self) -> "ControlNet | None":
+        """The net the CUDA runner (fast/) runs for this model: itself (the runner is written for
+        exactly this forward)."""
+        return self
 
     def __init__(self, config: ControlNetConfig, ops: Any = None, device: Any = None, dtype: torch.dtype | None = None):
         super().__init__()

@@ -34,7 +34,7 @@ sizes divisible by 8 (SD1.x) or 4 (SDXL) the two rules agree exactly.
 
 A 1-channel adapter (canny, sketch) given an RGB hint reads the mean of its channels, as ComfyUI
 does. On CUDA the adapter needs no fast path of its own: its per-step cost is scaling cached
-features (`supports_fast_path` is False, so the CUDA runner steps aside for stacks holding one).
+features (`fast_path_net` is None, so the CUDA runner steps aside for stacks holding one).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class T2IAdapter(nn.Module):
     hint_channels = 3          # ComfyUI IMAGEs are RGB; a 1-channel adapter averages them
     context_dim = None         # reads no text: hosts check `host_archs`
     adm_channels = None
-    supports_fast_path = False  # cached features are its fast path (see the module docstring)
+    fast_path_net = None  # cached features are its fast path (see the module docstring)
     supports_global_pool = False  # pooling is a trait of ControlNet 1.1 shuffle models only
     soft_weights = SOFT_WEIGHTS
 

@@ -134,7 +134,7 @@ class UnionControlNet(ControlNet):
     `select_type(name)` gives the model of one control type (`UnionType`), sharing these weights."""
 
     family = "ControlNet Union"
-    supports_fast_path = False  # the CUDA runner (fast/) runs the classic forward only
+    fast_path_net = None  # the CUDA runner (fast/) runs the classic forward only
     fusion_key = None           # "auto" runs alone; the types of one network fuse (UnionType)
 
     def __init__(self, config: ControlNetConfig, num_types: int = 8, token_layers: int = 1, type_embed_dim: int = 256,
@@ -248,7 +248,7 @@ class UnionType(ConfigMembers):
     (made by `UnionControlNet.select_type`). Controls whose models share `fusion_key` (the same
     network) can be evaluated in one pass: `fused_outputs`."""
 
-    supports_fast_path = False
+    fast_path_net = None
 
     def __init__(self, net: UnionControlNet, index: int):
         self.net = net

@@ -315,7 +315,7 @@ def load_control(name: str) -> Any:
     dtype, load_device, offload_device, fp8 = _dtype_and_devices()
     try:
         net = load_controlnet(path, device=offload_device, dtype=dtype, ops=comfy.ops.disable_weight_init, name=name)
-        if fp8 and getattr(net, "supports_fast_path", False):
+        if fp8 and getattr(net, "fast_path_net", None) is net:  # a plain ControlNet (fp8 storage is the runner's)
             fast.prepare(net, fp8=True)
     except UnsupportedFamilyError as e:
         raise UnsupportedFamilyError(f"{e}. ComfyUI's own 'Load ControlNet Model' node may load it") from None

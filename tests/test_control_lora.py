@@ -420,6 +420,33 @@ def test_control_object_counts_the_merged_copy_binds_at_pre_run_and_frees_it_at_
     assert model.bound_net is None
 
 
+def test_fast_path_runs_the_merged_controlnet_and_follows_a_new_merge(case):
+    """The fast path's body (forced onto the CPU, as in tests/test_fast.py) runs a Control-LoRA as the
+    plain path does, and a new merge (the base model changed) drops what it kept for the old one: its
+    graphs replay the old net's weight addresses."""
+    import test_fast as tf
+    from comfyui_controlnet_core.controlnet_core import fast
+    from comfyui_controlnet_core.controlnet_core.control import ControlStack
+
+    fast.release()
+    fast.STATS.clear()
+    model = loader.load_controlnet(case.path)
+    stack = ControlStack([Control(model, tf.hint())])
+    assert fast.runner.stack_residuals(stack, tf.make_request(case.cfg)) is NotImplemented  # nothing merged yet
+    host = {k: v.clone() for k, v in case.host.items()}
+    key = next(k for k in host if k.endswith("attn2.to_k.weight"))
+    with torch.no_grad():
+        for round_ in range(2):
+            stack.pre_run(tf.everything, lambda: host)
+            for seed in (1, 2):
+                req = tf.make_request(case.cfg, seed=seed)
+                got, want = tf.fast_run(stack, req, allow_cpu=True), tf.plain(stack, req)
+                assert tf.rel_err(got, want) <= 1e-5, (round_, seed)
+            host[key] = host[key] + 0.05  # a LoRA set on the base model between two runs
+    assert fast.STATS["eager"] == 4 and not fast.STATS.get("fallback")
+    fast.release()
+
+
 # ------------------------------------------------------------------------------------------
 # the example workflow
 

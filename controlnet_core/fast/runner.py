@@ -121,7 +121,7 @@ def stack_residuals(stack: Any, request: StepRequest) -> Any:
         return NotImplemented
     if torch.is_grad_enabled():
         return NotImplemented
-    if any(c.mask is not None or not getattr(c.net, "supports_fast_path", False) for c in controls):
+    if any(c.mask is not None or getattr(c.net, "fast_path_net", None) is None for c in controls):
         return NotImplemented
     key = tuple(id(c) for c in controls)
     runner = _RUNNERS.get(key)
@@ -218,7 +218,10 @@ class _Runner:
                 if n_cond < chunks:
                     rows_key = request.cond_or_uncond
             s = c.settings
-            specs.append(_Spec(k, c.net, rows_key, s.global_pool, tuple(s.strength * w for w in c.weights)))
+            net = getattr(c.net, "fast_path_net", None)
+            if net is None:  # e.g. a Control-LoRA whose merge was freed since the check above
+                raise _Fallback
+            specs.append(_Spec(k, net, rows_key, s.global_pool, tuple(s.strength * w for w in c.weights)))
             active.append(c)
         if not specs:
             return None
