@@ -344,13 +344,6 @@ class Control:
         sigma_start, sigma_end = self.sigma_range
         return self.settings.strength != 0 and sigma_end <= sigma <= sigma_start
 
-    def own_residuals(self, request: StepRequest) -> Outputs | None:
-        """This control alone (not its chain): its scaled outputs per UNet slot for the whole
-        batch, or None when it does not act on this call."""
-        if not self.is_active(float(request.sigma[0])):
-            return None
-        return _group_outputs([self], request)
-
     def _attention_term(self, fn: AttnFn, scale: float, rows: torch.Tensor | None, batch: int, chunks: int) -> AttnFn:
         """`fn` with this control's rows, pooling, scale and mask, for the host to call."""
         s = self.settings
