@@ -152,8 +152,3 @@ class AdapterConfig:
         c = self.channels
         widths = c[:3] if self.xl else c
         return (c[0], tuple(w // c[0] for w in widths), 2)
-
-
-SD15_FULL = AdapterConfig("full", 3)
-SD15_LIGHT = AdapterConfig("light", 3, num_res_blocks=4)
-SDXL_FULL = AdapterConfig("full_xl", 3)

@@ -344,13 +344,6 @@ class Control:
         sigma_start, sigma_end = self.sigma_range
         return self.settings.strength != 0 and sigma_end <= sigma <= sigma_start
 
-    def own_residuals(self, request: StepRequest) -> Outputs | None:
-        """This control alone (not its chain): its scaled outputs per UNet slot for the whole
-        batch, or None when it does not act on this call."""
-        if not self.is_active(float(request.sigma[0])):
-            return None
-        return _group_outputs([self], request)
-
     def _attention_term(self, fn: AttnFn, scale: float, rows: torch.Tensor | None, batch: int, chunks: int) -> AttnFn:
         """`fn` with this control's rows, pooling, scale and mask, for the host to call."""
         s = self.settings
@@ -366,9 +359,7 @@ class Control:
                 d = d.mean(dim=1, keepdim=True).expand_as(d)
             d = d * scale
             if rows is not None:
-                full = d.new_zeros((batch, *d.shape[1:]))
-                full[rows] = d
-                d = full
+                d = _scatter(d, rows, batch)
             if self.mask is not None:  # (B, 1, th, tw) -> (B, th*tw, 1), the tokens' order
                 d = d * self._mask_at(grid[0], grid[1], d.device, d.dtype, batch, chunks).flatten(2).transpose(1, 2)
             return d
@@ -385,9 +376,7 @@ class Control:
         if r.shape[0] == 1 and (batch > 1 or rows is not None):  # step-independent outputs of one hint
             r = r.expand(batch if rows is None else len(rows), *r.shape[1:])
         if rows is not None:
-            full = r.new_zeros((batch, *r.shape[1:]))
-            full[rows] = r
-            r = full
+            r = _scatter(r, rows, batch)
         if self.mask is not None:
             r = r * self._mask_at(r.shape[-2], r.shape[-1], r.device, r.dtype, batch, chunks)
         return r
@@ -593,6 +582,13 @@ def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], tree: Any) -> Any:
 def _take(t: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
     """The selected rows of a per-row tensor; a batch-1 tensor broadcasts and stays as is."""
     return t[rows] if t.shape[0] == batch else t
+
+
+def _scatter(t: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """The inverse of `_take` for outputs: the selected rows' tensor placed in a batch of zeros."""
+    full = t.new_zeros((batch, *t.shape[1:]))
+    full[rows] = t
+    return full
 
 
 def _layout(c: Control) -> tuple:

@@ -67,15 +67,19 @@ class ControlLoRA(ConfigMembers, nn.Module):
     family = "Control-LoRA"
 
     def __init__(self, config: ControlNetConfig, full: dict[str, torch.Tensor], lowrank: dict[str, fmt.LowRank],
-                 ops: Any = None, dtype: torch.dtype | None = None, name: str = "Control-LoRA"):
+                 ops: Any = None, dtype: torch.dtype | None = None, name: str = "Control-LoRA",
+                 dense: dict[str, torch.Tensor] | None = None):
+        """`dense`: `fmt.dense_shapes(full, lowrank, name)` when the caller already has it (the loader
+        infers the config from it)."""
         super().__init__()
         self.config = config
         self.source_name = name
         self._ops = ops
-        skeleton = ControlNet(config, ops=ops, device="meta", dtype=dtype)  # shapes and output levels only
-        object.__setattr__(self, "_skeleton", skeleton)  # not a submodule: meta tensors cannot move
+        skeleton = ControlNet(config, ops=ops, device="meta", dtype=dtype)  # shapes only
         self._shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-        _check_file(self._shapes, fmt.dense_shapes(full, lowrank, name), name, config)
+        if dense is None:
+            dense = fmt.dense_shapes(full, lowrank, name)
+        _check_file(self._shapes, dense, name, config)
         frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731
         self.full = nn.ParameterDict({_slot(k): frozen(t) for k, t in full.items()})
         self.up = nn.ParameterDict({_slot(m): frozen(lr.up) for m, lr in lowrank.items()})
@@ -267,16 +271,18 @@ def _check_file(want: dict[str, tuple], got: dict[str, torch.Tensor], name: str,
 # ------------------------------------------------------------------------------------------
 # the family's entry points (`loader.FAMILY_LOADERS`)
 
-def _config(sd: dict[str, torch.Tensor], name: str) -> tuple[ControlNetConfig, dict, dict]:
+def _config(sd: dict[str, torch.Tensor], name: str) -> tuple[ControlNetConfig, dict, dict, dict]:
+    """(config, tensors stored whole, low-rank layers, every weight's shape as meta tensors)."""
     full, lowrank = fmt.split(sd, name)
-    return infer_config(fmt.dense_shapes(full, lowrank, name), name=name), full, lowrank
+    dense = fmt.dense_shapes(full, lowrank, name)
+    return infer_config(dense, name=name), full, lowrank, dense
 
 
 def load(source: Source, device: Any, dtype: torch.dtype, ops: Any, config: ControlNetConfig | None) -> ControlLoRA:
     """A `Source` holding a Control-LoRA -> the model (not yet bound to a base model).
     `config` overrides the architecture read from the shapes (still checked against them)."""
-    cfg, full, lowrank = _config(source.sd, source.name)
-    return ControlLoRA(config or cfg, full, lowrank, ops=ops, dtype=dtype, name=source.name).eval()
+    cfg, full, lowrank, dense = _config(source.sd, source.name)
+    return ControlLoRA(config or cfg, full, lowrank, ops=ops, dtype=dtype, name=source.name, dense=dense).eval()
 
 
 def arch(header: dict[str, torch.Tensor], found: Detected) -> str:

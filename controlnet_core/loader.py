@@ -160,7 +160,9 @@ def _read_source(src: Any, reader: _Reader, name: str | None) -> Source:
         raise
     except LoadError as e:
         raise _naming_the_family(e, path, name, seen[0] if seen else None) from None
-    return Source(sd, meta, None, name, _detect_or_refuse(sd.keys(), name), reader.checkpoint_dtype)
+    # `check` saw this file's header, whose names are the keys of `sd` (safetensors: its JSON; a
+    # pickle: the tensors it returns), so its detection stands.
+    return Source(sd, meta, None, name, seen[0], reader.checkpoint_dtype)
 
 
 def _naming_the_family(e: LoadError, path: Path, name: str, found: detect.Detected | None) -> LoadError:

@@ -195,9 +195,18 @@ class ControlNet(ConfigMembers, nn.Module):
         if hint_embedding is None and hint is None:
             raise InputError("give the hint image or its precomputed hint_embedding")
         self.check_inputs(x, hint, context, y)
+        return self._encode_with(x, hint, timesteps, context, y, hint_embedding)
+
+    def _encode_with(self, x: torch.Tensor, hint: torch.Tensor | None, timesteps: torch.Tensor, context: torch.Tensor,
+                     y: torch.Tensor | None, hint_embedding: torch.Tensor | None,
+                     extra_emb: torch.Tensor | None = None) -> Residuals:
+        """`forward` after `check_inputs`; `extra_emb` is added to the time embedding (a Union's
+        type embedding)."""
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         emb = self.embed_time(timesteps, y)
+        if extra_emb is not None:
+            emb = emb + extra_emb
         context = context.to(self.dtype)
         guided = self.embed_hint(hint) if hint_embedding is None else hint_embedding.to(self.dtype)
         if guided.shape[2:] != x.shape[2:]:
@@ -208,7 +217,7 @@ class ControlNet(ConfigMembers, nn.Module):
 
     def encode(self, x: torch.Tensor, guided: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> Residuals:
         """The trainable encoder copy on latent `x`, the hint features `guided` added after the stem
-        conv, with time embedding `emb` (families that add their own term to it call this)."""
+        conv, with time embedding `emb` (`_encode_with` adds a family's own term to it)."""
         h = x.to(self.dtype)
         down = []
         for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):

@@ -56,6 +56,7 @@ class UNet(nn.Module):
             ops.GroupNorm(config.norm_groups, mc, eps=1e-5, **kw), nn.SiLU(),
             ops.Conv2d(mc, self.out_channels, 3, padding=1, **kw),
         )
+        self._sites = self.attention_sites()  # the blocks are fixed from here on
 
     @staticmethod
     def _decoder(cfg: ControlNetConfig, skips: list[int], ops: Any, **kw: Any) -> nn.ModuleList:
@@ -106,7 +107,7 @@ class UNet(nn.Module):
             emb = emb + self.label_emb(y.to(dtype))
         context = context.to(dtype)
         sync: Callable[[], None] | None = control.get("sync") if control is not None else None
-        attention = self._check_sites(control.get(ATTENTION) if control is not None else None)
+        attention = self._group_sites(control.get(ATTENTION) if control is not None else None)
 
         h = x.to(dtype)
         skips = []
@@ -143,26 +144,31 @@ class UNet(nn.Module):
                     out[name] = len(layer.transformer_blocks)
         return out
 
-    def _check_sites(self, attention: dict[AttnSite, list[AttnFn]] | None) -> dict[AttnSite, list[AttnFn]] | None:
+    def _group_sites(self, attention: dict[AttnSite, list[AttnFn]] | None) -> _Grouped | None:
+        """The attention-input patches checked against this UNet and grouped by block:
+        {block: {(index, attn, proj): fns}}."""
         if not attention:
             return None
-        sites = self.attention_sites()
-        for site in attention:
-            AttnSite(*site).check()
-            if site.index >= sites.get(tuple(site.block), 0):
+        grouped: _Grouped = {}
+        for site, fns in attention.items():
+            (site if type(site) is AttnSite else AttnSite(*site)).check()
+            block = tuple(site.block)
+            if site.index >= self._sites.get(block, 0):
                 raise InputError(
                     f"an attention-input patch is meant for {site.block[0]} block {site.block[1]}, transformer "
                     f"block {site.index}, which this {self.config.arch} UNet does not have; the control was made "
                     "for another base model"
                 )
-        return attention
+            grouped.setdefault(block, {})[(site.index, site.attn, site.proj)] = fns
+        return grouped
 
 
-def _block_patch(attention: dict[AttnSite, list[AttnFn]] | None, block: tuple[str, int]) -> AttnPatch | None:
+_Grouped = dict[tuple[str, int], dict[tuple[int, str, str], list[AttnFn]]]
+
+
+def _block_patch(grouped: _Grouped | None, block: tuple[str, int]) -> AttnPatch | None:
     """The patches of one UNet block as the `attn_patch` its transformer blocks call."""
-    if not attention:
-        return None
-    mine = {(s.index, s.attn, s.proj): fns for s, fns in attention.items() if tuple(s.block) == block}
+    mine = grouped.get(block) if grouped else None
     if not mine:
         return None
 

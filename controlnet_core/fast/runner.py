@@ -303,10 +303,10 @@ class _Runner:
             else:
                 want_graph = (cuda and opts.graphs and not capturing and not entry.graph_failed
                               and entry.out_flat is not None and entry.calls >= opts.warmup_calls)
-                if want_graph and not _memory_allows_graph(entry, dev, opts):
+                free_before = _free_device_bytes(dev) if want_graph else 0  # one read: the check and the measure
+                if want_graph and not _memory_allows_graph(entry, dev, opts, free_before):
                     entry.graph_failed = True
                     want_graph = False
-                free_before = _free_device_bytes(dev) if want_graph else 0
                 if want_graph and self._capture(entry, dev):
                     entry.graph.replay()
                     STATS["replay"] += 1
@@ -422,12 +422,14 @@ def graph_need_bytes(entry: Any, dev: torch.device) -> int:
     return max(_NEED.get(dev.index, 0), floor)
 
 
-def _memory_allows_graph(entry: Any, dev: torch.device, opts: FastOptions) -> bool:
-    """True when the device keeps `min_free_mib` free after the graph's need. Otherwise every
-    graph is dropped (their pool goes back at the host's next `empty_cache`), this entry stays
-    eager, and the reason is logged once per process."""
+def _memory_allows_graph(entry: Any, dev: torch.device, opts: FastOptions, free: int | None = None) -> bool:
+    """True when the device keeps `min_free_mib` free after the graph's need (`free`: the device's
+    free bytes, read here when not given). Otherwise every graph is dropped (their pool goes back
+    at the host's next `empty_cache`), this entry stays eager, and the reason is logged once per
+    process."""
     need = graph_need_bytes(entry, dev)
-    free = _free_device_bytes(dev)
+    if free is None:
+        free = _free_device_bytes(dev)
     if free >= need + opts.min_free_mib * 2**20:
         return True
     dropped = 0

@@ -38,10 +38,6 @@ class LowRank:
     down: torch.Tensor
 
     @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    @property
     def shape(self) -> tuple[int, ...]:
         """The full weight's shape: (out, in) for a linear layer, (out, in, kh, kw) for a conv."""
         return (int(self.up.shape[0]), *(int(s) for s in self.down.shape[1:]))
@@ -113,8 +109,3 @@ def dense_shapes(full: StateDict, lowrank: dict[str, LowRank], name: str) -> Sta
             )
         out[key] = torch.empty(lr.shape, device="meta")
     return out
-
-
-def ranks(lowrank: dict[str, LowRank]) -> list[int]:
-    """The distinct ranks of the low-rank layers, largest first."""
-    return sorted({lr.rank for lr in lowrank.values()}, reverse=True)

@@ -23,7 +23,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -75,15 +75,21 @@ def sniff_container(path: Path) -> str:
     return "unknown"
 
 
+def _raw_safetensors_header(path: str | os.PathLike) -> tuple[Any, int]:
+    """(the parsed JSON header of a safetensors file, its length in bytes): 8 bytes of length, then
+    the header; no tensor read. Raises OSError, ValueError or struct.error when it cannot."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if not 0 < n < 100_000_000:
+            raise ValueError(f"header length {n}")
+        return json.loads(f.read(n)), n
+
+
 def _safetensors_header(path: Path) -> tuple[Header, dict[str, str]]:
     """The JSON header of a safetensors file: 8 bytes of length, then the header; no tensor read."""
     name = path.name
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if not 0 < n < 100_000_000:
-                raise ValueError(f"header length {n}")
-            raw = json.loads(f.read(n))
+        raw, n = _raw_safetensors_header(path)
         size = path.stat().st_size
         header: Header = {}
         meta: dict[str, str] = {}
@@ -187,11 +193,7 @@ def tensor_names(path: str | os.PathLike) -> list[str]:
     """The tensor names a safetensors header lists, even when the data after it is cut short (to
     say what a truncated file was); [] when there is no readable header."""
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if not 0 < n < 100_000_000:
-                return []
-            raw = json.loads(f.read(n))
+        raw, _ = _raw_safetensors_header(path)
         return [str(k) for k in raw if k != "__metadata__"] if isinstance(raw, dict) else []
     except (OSError, ValueError, struct.error):
         return []

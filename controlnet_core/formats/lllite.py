@@ -29,7 +29,6 @@ from ..errors import LoadError
 from ..host import AttnSite
 
 PREFIX = "lllite_unet_"
-PARAMS = ("weight", "bias")
 _NAME = re.compile(
     r"^lllite_unet_(?:(input|output)_blocks_(\d+)|(middle)_block)_1_transformer_blocks_(\d+)_(attn[12])_to_([qkv])$"
 )
@@ -69,13 +68,6 @@ def site_of(name: str, file: str) -> AttnSite:
             "which has no image grid to condition; the file is damaged or not a kohya ControlNet-LLLite"
         )
     return AttnSite(block, int(index), attn, proj)
-
-
-def module_name(site: AttnSite) -> str:
-    """kohya's module name for a site (the inverse of `site_of`)."""
-    kind, number = site.block
-    where = "middle_block" if kind == "middle" else f"{kind}_blocks_{number}"
-    return f"{PREFIX}{where}_1_transformer_blocks_{site.index}_{site.attn}_to_{site.proj}"
 
 
 def kohya_depth(block: tuple[str, int]) -> int:
@@ -126,10 +118,3 @@ def read_modules(shapes: Mapping[str, tuple], file: str) -> list[ModuleSpec]:
     order = {"input": 0, "middle": 1, "output": 2}
     specs.sort(key=lambda s: (order[s.site.block[0]], s.site.block[1], s.site.index, s.site.attn, s.site.proj))
     return specs
-
-
-def expected_keys(spec: ModuleSpec) -> list[str]:
-    """The tensor names a module of this shape has."""
-    convs = (0, 2, 4) if spec.depth == 3 else (0, 2)
-    parts = [f"conditioning1.{i}" for i in convs] + ["down.0", "mid.0", "up.0"]
-    return [f"{spec.name}.{p}.{w}" for p in parts for w in PARAMS]
