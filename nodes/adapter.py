@@ -230,13 +230,11 @@ def remember_input(image: Any, mask: Any = None, target_hw: tuple[int, int] | No
     node_id = _executing_node_id()
     if node_id is None:
         return
-    from ..preprocessors.image import to_uint8
+    from ..preprocessors.image import fit_long_side, resize, to_uint8
 
     frame = image[0].detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else image[0]
-    h, w = frame.shape[:2]
-    scale = min(1.0, LAST_INPUT_SIDE / max(h, w))
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    frame = _shrink(frame, size)
+    size = fit_long_side(*frame.shape[:2], LAST_INPUT_SIDE)
+    frame = resize(frame[None], *size)[0]  # never grows: area shrink or the frame as it is
     m = None
     if mask is not None:
         m = mask.detach().cpu().float().numpy() if isinstance(mask, torch.Tensor) else mask
@@ -251,6 +249,8 @@ def remember_input(image: Any, mask: Any = None, target_hw: tuple[int, int] | No
 
 
 def _shrink(a: Any, size: tuple[int, int]) -> Any:
+    # Not preprocessors.image.resize: a mask of another size than its image may be grown here, and
+    # this stays INTER_AREA then, where resize would switch to bicubic.
     if a.shape[:2] == size:
         return a
     from ..preprocessors._cv import cv2
