@@ -422,8 +422,8 @@ def _bind(entry: StackEntry) -> BoundEntry:
         raise InputError("control_stack must come from a Combine ControlNets (CNCore) node")
     handle = _handle_for(entry.control_net)
     control_type = entry.control_type
-    if control_type == DEFAULT_CONTROL_TYPE and is_core_control(entry.control_net):
-        control_type = entry.control_net.cncore_type()  # e.g. set by ComfyUI's SetUnionControlNetType
+    if is_core_control(entry.control_net):  # 'auto' takes e.g. the one ComfyUI's SetUnionControlNetType set
+        control_type = entry.control_net.cncore_type(control_type)
     return BoundEntry(handle, to_bchw(entry.image, handle.net.hint_channels),
                       float(entry.strength), float(entry.start_percent), float(entry.end_percent),
                       normalize_mask(entry.mask), bool(getattr(entry.control_net, "global_average_pooling", False)),
@@ -509,8 +509,7 @@ def stack_entry(control_net: Any, image: Any, strength: float, start_percent: fl
     mask = normalize_mask(mask)
     ControlSettings(strength=strength, start_percent=start_percent, end_percent=end_percent)
     if is_core_control(control_net):  # a type the model does not take is refused here, at the Combine node
-        given = control_type if control_type != DEFAULT_CONTROL_TYPE else control_net.cncore_type()
-        with_control_type(control_net.handle.net, given, control_net.handle.name)
+        with_control_type(control_net.handle.net, control_net.cncore_type(control_type), control_net.handle.name)
     return StackEntry(control_net, image, float(strength), float(start_percent), float(end_percent), mask,
                       control_type)
 

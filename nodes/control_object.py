@@ -344,11 +344,13 @@ class CoreControlMixin:
             )
         return ControlStack(controls)
 
-    def cncore_type(self) -> str | int:
-        """This control's Union type: the node's control_type, else the one ComfyUI's
-        SetUnionControlNetType node stored (`extra_args["control_type"] = [n]`; [] is auto)."""
-        if self.cncore_control_type != DEFAULT_CONTROL_TYPE:
-            return self.cncore_control_type
+    def cncore_type(self, control_type: str = DEFAULT_CONTROL_TYPE) -> str | int:
+        """The Union type to run this net with: `control_type` (a Combine node's, for a stack entry of
+        this net) unless 'auto', else this control's own node's control_type unless 'auto', else the
+        one ComfyUI's SetUnionControlNetType node stored (`extra_args["control_type"] = [n]`; [] is auto)."""
+        for given in (control_type, self.cncore_control_type):
+            if given != DEFAULT_CONTROL_TYPE:
+                return given
         types = (getattr(self, "extra_args", None) or {}).get("control_type") or []
         return int(types[0]) if types else DEFAULT_CONTROL_TYPE
 
