@@ -185,10 +185,12 @@ def _inputs(job: PreviewJob) -> tuple[np.ndarray, np.ndarray | None, tuple[int, 
                                     "Image node to its image input")
         image = ppimage.frame_to_float(entry["image"][None])
         return image, entry["mask"], job.target_hw or entry["target_hw"]
-    image, _ = read_image(adapter.resolve_image_path(job.image["filename"], job.image["subfolder"], job.image["type"]))
+    path = adapter.resolve_image_path(job.image["filename"], job.image["subfolder"], job.image["type"])
+    image, alpha = read_image(path)
     mask = None
     if job.mask is not None:
-        _, mask = read_image(adapter.resolve_image_path(job.mask["filename"], job.mask["subfolder"], job.mask["type"]))
+        mask_path = adapter.resolve_image_path(job.mask["filename"], job.mask["subfolder"], job.mask["type"])
+        mask = alpha if mask_path == path else read_image(mask_path)[1]  # the same Load Image: read once
         if mask is None:  # Load Image gives an all-zero mask for an image without alpha
             mask = np.zeros(image.shape[1:3], np.float32)
     return image, mask, job.target_hw
