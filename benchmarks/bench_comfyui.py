@@ -57,6 +57,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from measure import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 GIB = 1024**3
@@ -644,13 +646,8 @@ def _read(p: Path) -> str | None:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    name = cpu_name()
+    return (platform.processor() or "unknown") if name is None else f"{name} x{os.cpu_count()}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -856,9 +853,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-_RUNNING: list[subprocess.Popen] = []
-
-
 def _child(cmd: list[str]) -> int:
     """Run a child process; if this process is stopped meanwhile, stop the child first."""
     proc = subprocess.Popen(cmd)
@@ -876,9 +870,8 @@ def _child(cmd: list[str]) -> int:
 def _write(out_dir: Path, tag: str, env: dict, config: dict, rows: list[dict], cpu: bool, command: str) -> None:
     md = report(env, config, rows, cpu, command)
     (out_dir / f"bench_comfyui_{tag}.md").write_text(md)
-    slim = [{k: v for k, v in r.items()} for r in rows]
     (out_dir / f"bench_comfyui_{tag}.json").write_text(json.dumps(
-        {"environment": env, "config": config, "rows": slim}, indent=1, default=str))
+        {"environment": env, "config": config, "rows": rows}, indent=1, default=str))
     print(md)
 
 

@@ -197,14 +197,11 @@ def table(rows: list[dict]) -> str:
 
 
 def machine_line(comfy_path: str, info: dict) -> str:
+    from bench_comfyui import _git
     from measure import machine
 
     def git(path: str) -> str:
-        try:
-            return subprocess.run(["git", "-C", path, "rev-parse", "--short=10", "HEAD"], capture_output=True,
-                                  text=True, timeout=10).stdout.strip() or "unknown"
-        except (OSError, subprocess.SubprocessError):
-            return "unknown"
+        return _git(path) or "unknown"
 
     dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True).stdout.strip()

@@ -39,7 +39,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from bench_load_memory import machine  # noqa: E402
+from measure import machine  # noqa: E402
 
 from comfyui_controlnet_core.controlnet_core.config import SD15  # noqa: E402
 from comfyui_controlnet_core.controlnet_core.loader import load_controlnet  # noqa: E402

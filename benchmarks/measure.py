@@ -18,14 +18,20 @@ def rss_now():
 """
 
 
-def machine() -> str:
-    """OS, CPU model, core count and RAM, e.g. 'Linux 6.1, AMD EPYC 7B13, 2 cores, 23 GiB RAM'."""
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str | None:
+    """The CPU model from /proc/cpuinfo, e.g. 'AMD EPYC 7B13'; None where it says none (or has none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        return None
+
+
+def machine() -> str:
+    """OS, CPU model, core count and RAM, e.g. 'Linux 6.1, AMD EPYC 7B13, 2 cores, 23 GiB RAM'."""
+    cpu = cpu_name()
+    if cpu is None:
+        cpu = platform.processor() or platform.machine()
     mem = ""
     try:
         with open("/proc/meminfo") as f:

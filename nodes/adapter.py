@@ -230,13 +230,11 @@ def remember_input(image: Any, mask: Any = None, target_hw: tuple[int, int] | No
     node_id = _executing_node_id()
     if node_id is None:
         return
-    from ..preprocessors.image import to_uint8
+    from ..preprocessors.image import fit_long_side, resize, to_uint8
 
     frame = image[0].detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else image[0]
-    h, w = frame.shape[:2]
-    scale = min(1.0, LAST_INPUT_SIDE / max(h, w))
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    frame = _shrink(frame, size)
+    size = fit_long_side(*frame.shape[:2], LAST_INPUT_SIDE)
+    frame = resize(frame[None], *size)[0]  # never grows: area shrink or the frame as it is
     m = None
     if mask is not None:
         m = mask.detach().cpu().float().numpy() if isinstance(mask, torch.Tensor) else mask
@@ -251,6 +249,8 @@ def remember_input(image: Any, mask: Any = None, target_hw: tuple[int, int] | No
 
 
 def _shrink(a: Any, size: tuple[int, int]) -> Any:
+    # Not preprocessors.image.resize: a mask of another size than its image may be grown here, and
+    # this stays INTER_AREA then, where resize would switch to bicubic.
     if a.shape[:2] == size:
         return a
     from ..preprocessors._cv import cv2
@@ -422,8 +422,8 @@ def _bind(entry: StackEntry) -> BoundEntry:
         raise InputError("control_stack must come from a Combine ControlNets (CNCore) node")
     handle = _handle_for(entry.control_net)
     control_type = entry.control_type
-    if control_type == DEFAULT_CONTROL_TYPE and is_core_control(entry.control_net):
-        control_type = entry.control_net.cncore_type()  # e.g. set by ComfyUI's SetUnionControlNetType
+    if is_core_control(entry.control_net):  # 'auto' takes e.g. the one ComfyUI's SetUnionControlNetType set
+        control_type = entry.control_net.cncore_type(control_type)
     return BoundEntry(handle, to_bchw(entry.image, handle.net.hint_channels),
                       float(entry.strength), float(entry.start_percent), float(entry.end_percent),
                       normalize_mask(entry.mask), bool(getattr(entry.control_net, "global_average_pooling", False)),
@@ -509,8 +509,7 @@ def stack_entry(control_net: Any, image: Any, strength: float, start_percent: fl
     mask = normalize_mask(mask)
     ControlSettings(strength=strength, start_percent=start_percent, end_percent=end_percent)
     if is_core_control(control_net):  # a type the model does not take is refused here, at the Combine node
-        given = control_type if control_type != DEFAULT_CONTROL_TYPE else control_net.cncore_type()
-        with_control_type(control_net.handle.net, given, control_net.handle.name)
+        with_control_type(control_net.handle.net, control_net.cncore_type(control_type), control_net.handle.name)
     return StackEntry(control_net, image, float(strength), float(start_percent), float(end_percent), mask,
                       control_type)
 

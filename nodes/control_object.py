@@ -172,8 +172,8 @@ def merge_residuals(own: dict | None, prev: dict | None) -> dict | None:
         return prev if own is None else own
     out: dict[str, list] = {"input": [], "middle": [], "output": []}
     for key in out:
-        a = list((own or {}).get(key) or [])
-        b = list((prev or {}).get(key) or [])
+        a = list(own.get(key) or [])
+        b = list(prev.get(key) or [])
         for i in range(max(len(a), len(b))):
             x = a[i] if i < len(a) else None
             p = b[i] if i < len(b) else None
@@ -187,18 +187,30 @@ class AttentionPatches:
     def __init__(self, patches: dict[AttnSite, list[AttnFn]]):
         self.patches = patches
 
-    def _site(self, extra_options: dict, attn: str, proj: str, h: torch.Tensor) -> torch.Tensor:
+    def _sites(self, extra_options: dict, attn: str, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """`inputs` (projection -> tensor) with this block's patches applied; the block's key is read
+        once, and the token grid once per token count (another patch may have added k/v tokens)."""
         block = extra_options.get("block")  # None outside a UNet block (other model types)
-        fns = None if block is None else self.patches.get(
-            AttnSite(tuple(block), int(extra_options.get("block_index", 0)), attn, proj))
-        return h if fns is None else apply_attention(fns, h, token_grid(extra_options, h.shape[1]))
+        if block is None:
+            return list(inputs.values())
+        block, index = tuple(block), int(extra_options.get("block_index", 0))
+        grids: dict[int, tuple[int, int]] = {}
+        out = []
+        for proj, h in inputs.items():
+            fns = self.patches.get(AttnSite(block, index, attn, proj))
+            if fns is not None:
+                tokens = h.shape[1]
+                if tokens not in grids:
+                    grids[tokens] = token_grid(extra_options, tokens)
+                h = apply_attention(fns, h, grids[tokens])
+            out.append(h)
+        return out
 
     def attn1(self, q, k, v, extra_options):
-        site = self._site
-        return site(extra_options, "attn1", "q", q), site(extra_options, "attn1", "k", k), site(extra_options, "attn1", "v", v)
+        return tuple(self._sites(extra_options, "attn1", {"q": q, "k": k, "v": v}))
 
     def attn2(self, q, k, v, extra_options):
-        return self._site(extra_options, "attn2", "q", q), k, v
+        return self._sites(extra_options, "attn2", {"q": q})[0], k, v
 
 
 def token_grid(extra_options: dict, tokens: int) -> tuple[int, int]:
@@ -302,6 +314,7 @@ class CoreControlMixin:
         self._cncore_stack: ControlStack | None = None
         self._cncore_sampling: Any = None
         self._cncore_checked: set = set()
+        self._cncore_needs_y = False  # whether a control of the run's stack reads SDXL's y (set at pre_run)
 
     # ---- settings ---------------------------------------------------------------------------
 
@@ -344,11 +357,13 @@ class CoreControlMixin:
             )
         return ControlStack(controls)
 
-    def cncore_type(self) -> str | int:
-        """This control's Union type: the node's control_type, else the one ComfyUI's
-        SetUnionControlNetType node stored (`extra_args["control_type"] = [n]`; [] is auto)."""
-        if self.cncore_control_type != DEFAULT_CONTROL_TYPE:
-            return self.cncore_control_type
+    def cncore_type(self, control_type: str = DEFAULT_CONTROL_TYPE) -> str | int:
+        """The Union type to run this net with: `control_type` (a Combine node's, for a stack entry of
+        this net) unless 'auto', else this control's own node's control_type unless 'auto', else the
+        one ComfyUI's SetUnionControlNetType node stored (`extra_args["control_type"] = [n]`; [] is auto)."""
+        for given in (control_type, self.cncore_control_type):
+            if given != DEFAULT_CONTROL_TYPE:
+                return given
         types = (getattr(self, "extra_args", None) or {}).get("control_type") or []
         return int(types[0]) if types else DEFAULT_CONTROL_TYPE
 
@@ -381,6 +396,7 @@ class CoreControlMixin:
         unet = getattr(model, "diffusion_model", None)
         stack.pre_run(percent_to_timestep_function, None if unet is None else (lambda: HostWeights(unet)))
         self._cncore_stack = stack
+        self._cncore_needs_y = any(needs_y(c.net) for c in stack.controls)
         self._cncore_sampling = model.model_sampling
 
     def get_control(self, x_noisy, t, cond, batched_number, transformer_options=None):
@@ -417,7 +433,7 @@ class CoreControlMixin:
         timesteps = ms.timestep(t).float()
         context = cond.get("crossattn_controlnet", cond["c_crossattn"]).to(device=device, dtype=dtype)
         y = None
-        if any(needs_y(c.net) for c in stack.controls):
+        if self._cncore_needs_y:
             y = cond.get("y")
             if y is None:
                 raise InputError(

@@ -147,10 +147,11 @@ class Preprocessor:
             )
         if not isinstance(image, torch.Tensor) or image.ndim != 4:
             raise pp.PreprocessorError("image must be a ComfyUI IMAGE batch (batch, height, width, channels)")
-        adapter.remember_input(image, mask, target)  # for the front end's preview of later edits
+        frames = image.detach().cpu().float().numpy()
+        mask_np = None if mask is None else mask.detach().cpu().float().numpy()
+        adapter.remember_input(frames, mask_np, target)  # for the front end's preview of later edits
         out = pp.run(
-            method, image.detach().cpu().float().numpy(), resolution=resolution, pixel_perfect=pixel_perfect,
-            target_hw=target, mask=None if mask is None else mask.detach().cpu().float().numpy(),
+            method, frames, resolution=resolution, pixel_perfect=pixel_perfect, target_hw=target, mask=mask_np,
             progress=adapter.progress_reporter(image.shape[0]) if image.shape[0] > 1 else None, **params,
         )
         return (torch.from_numpy(out).to(image.device),)

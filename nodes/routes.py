@@ -169,13 +169,11 @@ def read_image(path: str) -> tuple[np.ndarray, np.ndarray | None]:
             rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / np.float32(255.0)
         except (OSError, ValueError) as e:
             raise RequestError(415, f"{name} could not be decoded ({e}); upload it again") from None
-    h, w = rgb.shape[:2]
-    scale = min(1.0, PREVIEW_SIDE / max(h, w))
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    image = ppimage.resize(rgb[None], *size) if scale < 1 else rgb[None]
+    size = ppimage.fit_long_side(*rgb.shape[:2], PREVIEW_SIDE)
+    image = ppimage.resize(rgb[None], *size)  # never grows: area shrink or the image as it is
     mask = None
     if alpha is not None:
-        mask = 1.0 - (ppimage.resize(alpha[None, ..., None], *size)[0, ..., 0] if scale < 1 else alpha)
+        mask = 1.0 - ppimage.resize(alpha[None, ..., None], *size)[0, ..., 0]
     return image, mask
 
 
@@ -187,10 +185,12 @@ def _inputs(job: PreviewJob) -> tuple[np.ndarray, np.ndarray | None, tuple[int, 
                                     "Image node to its image input")
         image = ppimage.frame_to_float(entry["image"][None])
         return image, entry["mask"], job.target_hw or entry["target_hw"]
-    image, _ = read_image(adapter.resolve_image_path(job.image["filename"], job.image["subfolder"], job.image["type"]))
+    path = adapter.resolve_image_path(job.image["filename"], job.image["subfolder"], job.image["type"])
+    image, alpha = read_image(path)
     mask = None
     if job.mask is not None:
-        _, mask = read_image(adapter.resolve_image_path(job.mask["filename"], job.mask["subfolder"], job.mask["type"]))
+        mask_path = adapter.resolve_image_path(job.mask["filename"], job.mask["subfolder"], job.mask["type"])
+        mask = alpha if mask_path == path else read_image(mask_path)[1]  # the same Load Image: read once
         if mask is None:  # Load Image gives an all-zero mask for an image without alpha
             mask = np.zeros(image.shape[1:3], np.float32)
     return image, mask, job.target_hw

@@ -170,6 +170,12 @@ def resize(batch: np.ndarray, h: int, w: int, grow: str = "cubic") -> np.ndarray
     return out
 
 
+def fit_long_side(h: int, w: int, side: int) -> tuple[int, int]:
+    """(h, w) scaled down, aspect kept, so the long side is at most `side` (never scaled up, never 0)."""
+    scale = min(1.0, side / max(h, w))
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
 def luma(rgb: np.ndarray) -> np.ndarray:
     """ITU-R BT.601 luma of float RGB (..., 3): 0.299 R + 0.587 G + 0.114 B, float32."""
     return (

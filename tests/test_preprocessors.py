@@ -17,7 +17,7 @@ import pytest
 
 from comfyui_controlnet_core import preprocessors as P
 from comfyui_controlnet_core.preprocessors import PreprocessorError, run
-from comfyui_controlnet_core.preprocessors.image import working_size
+from comfyui_controlnet_core.preprocessors.image import fit_long_side, working_size
 
 PKG = Path(P.__file__).resolve().parent
 RNG = np.random.default_rng(1234)
@@ -551,3 +551,10 @@ def test_an_error_from_progress_stops_the_batch(monkeypatch):
         assert len(seen) == 1
     finally:
         P.METHODS.pop("count_for_tests", None)
+
+
+def test_fit_long_side_shrinks_to_the_side_and_never_grows():
+    assert fit_long_side(1536, 2048, 1024) == (768, 1024)  # 1536 * 1024 / 2048
+    assert fit_long_side(3000, 1000, 1024) == (1024, 341)  # 1000 * 1024 / 3000 = 341.33
+    assert fit_long_side(600, 800, 1024) == (600, 800)
+    assert fit_long_side(1, 5000, 1024) == (1, 1024)  # 0.2 rounds to 0: kept at 1 px

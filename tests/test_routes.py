@@ -189,6 +189,21 @@ def test_last_run_previews_what_the_node_got(comfy, monkeypatch):
     np.testing.assert_array_equal(png_pixels(png), expected)
 
 
+def test_last_run_keeps_a_small_area_shrunk_frame(monkeypatch):
+    import cv2
+
+    monkeypatch.setattr(adapter, "_executing_node_id", lambda: "13")
+    rng = np.random.default_rng(0)
+    frame = rng.random((1536, 2048, 3), dtype=np.float32)
+    mask = rng.random((300, 400), dtype=np.float32)  # another size than the image: grown to its stored size
+    adapter.remember_input(torch.from_numpy(frame[None]), torch.from_numpy(mask[None]), None)
+    entry = adapter.last_input("13")
+    # 1024 px on the long side (hand-computed: 1536 * 1024 / 2048 = 768), area-resized like OpenCV does
+    area = cv2.resize(frame, (1024, 768), interpolation=cv2.INTER_AREA)
+    np.testing.assert_array_equal(entry["image"], to_uint8(area))
+    np.testing.assert_array_equal(entry["mask"], cv2.resize(mask, (1024, 768), interpolation=cv2.INTER_AREA))
+
+
 # ------------------------------------------------------------------------------------------
 # preview: every bad request gets a 4xx and a sentence
 

@@ -48,14 +48,19 @@ function fitHeight(node) {
 // ------------------------------------------------------------------------------------------
 // where the image comes from
 
+// A link by id: newer frontends keep a graph's links in a Map, older ones in a plain object.
+function linkOf(graph, id) {
+  return graph?.links?.get?.(id) ?? graph?.links?.[id];
+}
+
 function sourceOf(node, inputName) {
   const slot = node.findInputSlot?.(inputName) ?? node.inputs?.findIndex((i) => i.name === inputName);
   if (slot == null || slot < 0 || node.inputs[slot]?.link == null) return null;
-  const link = node.graph?.links?.get?.(node.inputs[slot].link) ?? node.graph?.links?.[node.inputs[slot].link];
+  const link = linkOf(node.graph, node.inputs[slot].link);
   let origin = link ? node.graph.getNodeById(link.origin_id) : null;
   let originSlot = link?.origin_slot;
   for (let hops = 0; origin && origin.type === "Reroute" && hops < 32; hops++) { // old reroute nodes
-    const l = origin.inputs?.[0]?.link != null ? node.graph.links.get?.(origin.inputs[0].link) : null;
+    const l = origin.inputs?.[0]?.link != null ? linkOf(node.graph, origin.inputs[0].link) : null;
     origin = l ? node.graph.getNodeById(l.origin_id) : null;
     originSlot = l?.origin_slot;
   }

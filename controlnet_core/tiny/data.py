@@ -181,9 +181,9 @@ def make_batch(rng: np.random.Generator, n: int, size: int = IMAGE_SIZE, scene: 
     return Batch(imgs, np.stack([hint_of(im) for im in imgs]), list(prompts))
 
 
-def validation_batch(n: int = 8, seed: int = 1234, size: int = IMAGE_SIZE) -> Batch:
-    """A fixed batch (independent of the training stream) for metrics during and after training."""
-    return make_batch(np.random.default_rng([seed, 7]), n, size)
+def validation_batch(n: int = 8, seed: int = 1234, size: int = IMAGE_SIZE, scene: Scenes = random_scene) -> Batch:
+    """A fixed batch of `scene`s (independent of the training stream) for metrics during and after training."""
+    return make_batch(np.random.default_rng([seed, 7]), n, size, scene)
 
 
 class ShapeStream(torch.utils.data.IterableDataset):

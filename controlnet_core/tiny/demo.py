@@ -26,6 +26,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,18 +197,20 @@ def second_hint_of(image: np.ndarray) -> np.ndarray:
     return canny(image, *SECOND_HINT_THRESHOLDS, blur=SECOND_HINT_BLUR)
 
 
-def vocabulary(weights: str | Path | None = None) -> str:
+def vocabulary(weights: str | Path | None = None, vocab: Sequence[str] | None = None) -> str:
     """The words the text encoder in `weights` (default: the shipped one) was trained with, read from
-    its file's metadata without loading it, and the accepted aliases (`text.py`)."""
+    its file's metadata without loading it (or `vocab`, a loaded encoder's `.vocab`), and the accepted
+    aliases (`text.py`)."""
     from . import text
     from ..formats.files import read_header
 
-    vocab: tuple[str, ...] = text.VOCAB
-    try:
-        meta = read_header(Path(weights or WEIGHTS_DIR) / TEXT_FILE)[1]
-        vocab = tuple(json.loads(meta[TextEncoder.META_KEY])["vocab"])
-    except Exception:  # no or an unreadable encoder: the loader says so when the demo runs
-        pass
+    if vocab is None:
+        vocab = text.VOCAB
+        try:
+            meta = read_header(Path(weights or WEIGHTS_DIR) / TEXT_FILE)[1]
+            vocab = tuple(json.loads(meta[TextEncoder.META_KEY])["vocab"])
+        except Exception:  # no or an unreadable encoder: the loader says so when the demo runs
+            pass
     known = [w for w in vocab if not w.startswith("<")]
     aliases = {a: w for a, w in getattr(text, "ALIASES", {}).items() if w in vocab}
     out = ", ".join(known)
@@ -306,7 +309,7 @@ def _run(args: argparse.Namespace) -> int:
     unknown = models.text.unknown_words(prompt)  # the words *this* encoder was trained with
     if unknown:
         print(f"note: words outside the demo vocabulary are ignored: {', '.join(sorted(set(unknown)))} "
-              f"(known: {vocabulary(args.weights)})", file=sys.stderr)
+              f"(known: {vocabulary(vocab=models.text.vocab)})", file=sys.stderr)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -148,7 +148,11 @@ def object_colours(image: np.ndarray, scene: Scene) -> list[tuple[str, str | Non
 
 def colour_score(images: np.ndarray, scenes: Sequence[Scene]) -> float:
     """The fraction of all drawn objects whose colour in the image is the one asked for."""
-    pairs = [p for im, sc in zip(images, scenes) for p in object_colours(im, sc)]
+    return colour_match([p for im, sc in zip(images, scenes) for p in object_colours(im, sc)])
+
+
+def colour_match(pairs: Sequence[tuple[str, str | None]]) -> float:
+    """The fraction of (asked, found) colour pairs that match (0 for none)."""
     return sum(asked == found for asked, found in pairs) / max(1, len(pairs))
 
 
@@ -225,7 +229,8 @@ def evaluate(models: Any, *, steps: int = STEPS, cfg: float = CFG, seed: int = S
     """Score `models` (a `demo.DemoModels`) on both sets; returns (report, images) where images
     holds the drawn hints and the samples with and without control."""
     t0 = time.time()
-    items = drawn_eval_set()[:limit]
+    drawn = drawn_eval_set()
+    items = drawn[:limit]
     groups = [g for g, _ in items]
     scenes = [s for _, s in items]
     hints = np.stack([hint_of(s.image) for s in scenes])
@@ -246,9 +251,8 @@ def evaluate(models: Any, *, steps: int = STEPS, cfg: float = CFG, seed: int = S
             "images": len(scenes), "objects": len(flat),
             "edge_f1_with_control": float(np.mean(f1_with)),
             "edge_f1_without_control": float(np.mean(f1_without)),
-            "colour_score_with_control": sum(a == f for a, f in flat) / max(1, len(flat)),
-            "colour_score_without_control":
-                sum(a == f for c in colours_without for a, f in c) / max(1, len(flat)),
+            "colour_score_with_control": colour_match(flat),
+            "colour_score_without_control": colour_match([p for c in colours_without for p in c]),
             "uncoloured_objects_with_control": sum(f is None for _, f in flat),
             "groups": {
                 g: {"edge_f1_with_control": float(np.mean([f for f, gg in zip(f1_with, groups) if gg == g])),
@@ -267,7 +271,7 @@ def evaluate(models: Any, *, steps: int = STEPS, cfg: float = CFG, seed: int = S
             "edge_f1_without_control": float(np.mean(batch_edge_f1(p_without, proc.hints))),
         },
         "settings": {"steps": steps, "cfg": cfg, "seed": seed, "strength": 1.0, "edge_radius": 2,
-                     "drawn_seed": EVAL_SEED, "drawn_set_sha256": set_digest(drawn_eval_set()),
+                     "drawn_seed": EVAL_SEED, "drawn_set_sha256": set_digest(drawn),
                      "procedural_seed": PROCEDURAL_SEED, "limit": limit,
                      "torch_threads": torch.get_num_threads(), "device": str(next(models.unet.parameters()).device)},
     }

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from . import latent
 from ..config import SD15, ControlNetConfig
-from .data import Batch, make_batch, random_scene, validation_batch
+from .data import Batch, random_scene, validation_batch
 from ..formats.files import read_safetensors, write_safetensors
 from ..host import unet_control
 from ..model import ControlNet
@@ -330,8 +330,7 @@ def train_autoencoder(args: argparse.Namespace) -> dict:
     params = list(ae.parameters())
     step = _fit("autoencoder", args, params, opt, history, loss_fn)
     ae.eval()
-    val = validation_batch(64, seed=99) if args.data == "procedural" else \
-        make_batch(np.random.default_rng([99, 7]), 64, scene=scene_function(args.data))
+    val = validation_batch(64, seed=99, scene=scene_function(args.data))
     with torch.no_grad():
         z = ae.encode_raw(latent.from_uint8(torch.from_numpy(val.images).to(device)))
         ae.scale.fill_(1.0 / float(z.float().std()))
@@ -387,7 +386,7 @@ def train_base(args: argparse.Namespace) -> dict:
 
     step = _fit("base", args, params, opt, history, loss_fn, on_step)
     save()
-    val = make_batch(np.random.default_rng([1234, 7]), args.val_size, scene=scene_function(args.data))
+    val = validation_batch(args.val_size, scene=scene_function(args.data))
     _, images = validation_f1(ema_unet.shadow, ema_text.shadow, ae, None, val, steps=args.eval_steps, cfg=args.cfg)
     contact_sheet([("data", val.images, None), ("samples", images, None)], out / "base_samples.png", scale=1)
     _log(f"base: {step} steps in {history['seconds']} s -> {out}")
