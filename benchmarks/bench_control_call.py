@@ -80,8 +80,6 @@ class StandInModel:
 
 
 def rel_err(a: dict, b: dict) -> float:
-    import torch
-
     pa = [t for k in ("input", "middle", "output") for t in (a.get(k) or []) if t is not None]
     pb = [t for k in ("input", "middle", "output") for t in (b.get(k) or []) if t is not None]
     assert len(pa) == len(pb), (len(pa), len(pb))
