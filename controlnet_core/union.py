@@ -209,11 +209,6 @@ class UnionControlNet(ControlNet):
             guided: torch.Tensor, types: Sequence[int]) -> Outputs:
         """The encoder with the hint features `guided` and the type embedding of `types` ([]: auto)."""
         self.check_inputs(x, None, context, y)
-        return self._run(x, timesteps, context, y, guided, types)
-
-    def _run(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None,
-             guided: torch.Tensor, types: Sequence[int]) -> Outputs:
-        """`run` on inputs `check_inputs` has passed: ControlNet's pass plus the type embedding."""
         down, mid = self._encode_with(x, None, timesteps, context, y, guided, self.type_embedding(types, x.device))
         return {"output": down, "middle": [mid]}
 
@@ -239,12 +234,7 @@ class UnionControlNet(ControlNet):
         self.check_inputs(x, hint, context, y)
         model = self.select_type(control_type)
         emb = model.embed_hint(hint) if hint_embedding is None else hint_embedding
-        # what `model.control_outputs` runs (auto: the hint as is; a type: run_types of one part),
-        # without checking the inputs a second time
-        if model is self:
-            out = self._run(x, timesteps, context, y, emb, [])
-        else:
-            out = self._run(x, timesteps, context, y, self.fuse_hints([(model.index, emb, 1.0)]), [model.index])
+        out = model.control_outputs(x, timesteps, context, y, emb)  # checks the (cheap) shapes once more
         return out["output"], out["middle"][0]
 
 
