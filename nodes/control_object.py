@@ -187,30 +187,18 @@ class AttentionPatches:
     def __init__(self, patches: dict[AttnSite, list[AttnFn]]):
         self.patches = patches
 
-    def _sites(self, extra_options: dict, attn: str, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """`inputs` (projection -> tensor) with this block's patches applied; the block's key is read
-        once, and the token grid once per token count (another patch may have added k/v tokens)."""
+    def _site(self, extra_options: dict, attn: str, proj: str, h: torch.Tensor) -> torch.Tensor:
         block = extra_options.get("block")  # None outside a UNet block (other model types)
-        if block is None:
-            return list(inputs.values())
-        block, index = tuple(block), int(extra_options.get("block_index", 0))
-        grids: dict[int, tuple[int, int]] = {}
-        out = []
-        for proj, h in inputs.items():
-            fns = self.patches.get(AttnSite(block, index, attn, proj))
-            if fns is not None:
-                tokens = h.shape[1]
-                if tokens not in grids:
-                    grids[tokens] = token_grid(extra_options, tokens)
-                h = apply_attention(fns, h, grids[tokens])
-            out.append(h)
-        return out
+        fns = None if block is None else self.patches.get(
+            AttnSite(tuple(block), int(extra_options.get("block_index", 0)), attn, proj))
+        return h if fns is None else apply_attention(fns, h, token_grid(extra_options, h.shape[1]))
 
     def attn1(self, q, k, v, extra_options):
-        return tuple(self._sites(extra_options, "attn1", {"q": q, "k": k, "v": v}))
+        site = self._site
+        return site(extra_options, "attn1", "q", q), site(extra_options, "attn1", "k", k), site(extra_options, "attn1", "v", v)
 
     def attn2(self, q, k, v, extra_options):
-        return self._sites(extra_options, "attn2", {"q": q})[0], k, v
+        return self._site(extra_options, "attn2", "q", q), k, v
 
 
 def token_grid(extra_options: dict, tokens: int) -> tuple[int, int]:
@@ -314,7 +302,6 @@ class CoreControlMixin:
         self._cncore_stack: ControlStack | None = None
         self._cncore_sampling: Any = None
         self._cncore_checked: set = set()
-        self._cncore_needs_y = False  # whether a control of the run's stack reads SDXL's y (set at pre_run)
 
     # ---- settings ---------------------------------------------------------------------------
 
@@ -396,7 +383,6 @@ class CoreControlMixin:
         unet = getattr(model, "diffusion_model", None)
         stack.pre_run(percent_to_timestep_function, None if unet is None else (lambda: HostWeights(unet)))
         self._cncore_stack = stack
-        self._cncore_needs_y = any(needs_y(c.net) for c in stack.controls)
         self._cncore_sampling = model.model_sampling
 
     def get_control(self, x_noisy, t, cond, batched_number, transformer_options=None):
@@ -433,7 +419,7 @@ class CoreControlMixin:
         timesteps = ms.timestep(t).float()
         context = cond.get("crossattn_controlnet", cond["c_crossattn"]).to(device=device, dtype=dtype)
         y = None
-        if self._cncore_needs_y:
+        if any(needs_y(c.net) for c in stack.controls):
             y = cond.get("y")
             if y is None:
                 raise InputError(
