@@ -151,7 +151,7 @@ class UNet(nn.Module):
             return None
         grouped: _Grouped = {}
         for site, fns in attention.items():
-            (site if type(site) is AttnSite else AttnSite(*site)).check()
+            AttnSite(*site).check()
             block = tuple(site.block)
             if site.index >= self._sites.get(block, 0):
                 raise InputError(
