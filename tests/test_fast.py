@@ -274,8 +274,11 @@ def test_channels_last_prepare_same_values_on_cpu():
     with torch.no_grad():
         a = net(req.x, hint(2), req.timesteps, req.context)
         b = ref(req.x, hint(2), req.timesteps, req.context)
+    # channels_last changes the order of oneDNN's fp32 reductions, and with 2 threads it differs
+    # again (1.3e-5 relative measured on the 2-core CI machine, 0 with one thread): the project's
+    # fp32 parity bound, 1e-4 relative, is the right one here
     for x, y in zip([*a[0], a[1]], [*b[0], b[1]]):
-        assert (x - y).norm() <= 1e-5 * y.norm()
+        assert (x - y).norm() <= 1e-4 * y.norm()
 
 
 def test_channels_last_net_keeps_its_layout_through_attention():
