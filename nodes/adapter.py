@@ -434,13 +434,15 @@ def apply_control(
     positive: Any, negative: Any, control_net: Any, image: torch.Tensor, strength: float, start_percent: float,
     end_percent: float, control_mode: str = DEFAULT_MODE, resize_mode: str = DEFAULT_RESIZE,
     interpolation: str = DEFAULT_INTERPOLATION, vae: Any = None, mask: Any = None, control_stack: Any = None,
-    control_type: str = DEFAULT_CONTROL_TYPE,
+    control_type: str = DEFAULT_CONTROL_TYPE, union_multi_condition: bool = False,
 ) -> tuple[Any, Any]:
     """Attach the control (and a stack) to every conditioning of positive and negative.
 
     As ComfyUI's ControlNetApplyAdvanced: strength 0 (and no stack) returns the inputs unchanged;
     each distinct previous control gets one new control object, shared by positive and negative (so
-    they are batched together); `control_apply_to_uncond` is False.
+    they are batched together); `control_apply_to_uncond` is False. `union_multi_condition`: the
+    types of one Union file in this node's stack run as one multi-condition pass (ControlStack's
+    `fuse`) instead of one pass per type summed (ComfyUI's chain, the default).
     """
     if control_net is None:
         raise InputError("connect a ControlNet (from a Load ControlNet node) to control_net")
@@ -473,6 +475,7 @@ def apply_control(
             c.cncore_mode, c.cncore_resize, c.cncore_interpolation = control_mode, resize_mode, interpolation
             c.cncore_mask = mask
             c.cncore_control_type = control_type
+            c.cncore_multi_condition = bool(union_multi_condition)
             c.cncore_entries = list(bound)
             return c
 

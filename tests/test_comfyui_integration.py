@@ -200,7 +200,7 @@ def test_object_info_lists_the_four_nodes(comfy):
     assert apply["input_order"]["required"] == [
         "positive", "negative", "control_net", "image", "strength", "start_percent", "end_percent",
         "control_mode", "resize_mode", "interpolation"]
-    assert apply["input_order"]["optional"] == ["vae", "mask", "control_stack", "control_type"]
+    assert apply["input_order"]["optional"] == ["vae", "mask", "control_stack", "control_type", "union_multi_condition"]
     assert apply["output"] == ["CONDITIONING", "CONDITIONING"]
     assert info["CNCore_LoadControlNet"]["output"] == ["CONTROL_NET"] == info["ControlNetLoader"]["output"]
     assert "canny" in info["CNCore_Preprocessor"]["input"]["required"]["method"][0]

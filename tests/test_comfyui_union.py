@@ -155,6 +155,54 @@ def test_union_prompt_matches_comfyui_builtin_union(comfy_xl):
     assert pixel_diff(mixed, ours) == 0
 
 
+def two_type_graph(ours: bool, multi: bool = False, prefix: str = "two") -> dict:
+    """Canny (strength 0.6, on the image) and depth (0.9, on the inverted image) of the one Union file:
+    ComfyUI's chain (ControlNetLoader -> SetUnionControlNetType -> ControlNetApplyAdvanced, twice), or
+    ours (Combine canny -> Apply depth's control_stack, `union_multi_condition` = `multi`)."""
+    p = union_graph(None, prefix=prefix)
+    p["15"] = {"class_type": "ImageInvert", "inputs": {"image": ["4", 0]}}
+    canny = {"image": ["4", 0], "strength": 0.6, "start_percent": 0.0, "end_percent": 1.0}
+    depth = {"image": ["15", 0], "strength": 0.9, "start_percent": 0.0, "end_percent": 1.0}
+    if ours:
+        p["10"] = {"class_type": "CNCore_LoadControlNet", "inputs": {"control_net_name": PROMAX}}
+        p["16"] = {"class_type": "CNCore_CombineControls", "inputs": {
+            "control_net": ["10", 0], **canny, "control_type": CANNY_TYPE}}
+        p["11"] = {"class_type": "CNCore_ApplyControlNet", "inputs": {
+            "positive": ["2", 0], "negative": ["3", 0], "control_net": ["10", 0], **depth, "control_mode": "balanced",
+            "resize_mode": "crop", "interpolation": "nearest-exact", "control_stack": ["16", 0], "control_type": "depth",
+            "union_multi_condition": multi}}
+        last = "11"
+    else:
+        p["10"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": PROMAX}}
+        p["14"] = {"class_type": "SetUnionControlNetType", "inputs": {"control_net": ["10", 0], "type": CANNY_TYPE}}
+        p["17"] = {"class_type": "SetUnionControlNetType", "inputs": {"control_net": ["10", 0], "type": "depth"}}
+        p["11"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+            "positive": ["2", 0], "negative": ["3", 0], "control_net": ["14", 0], **canny}}
+        p["18"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+            "positive": ["11", 0], "negative": ["11", 1], "control_net": ["17", 0], **depth}}
+        last = "18"
+    p["7"]["inputs"]["positive"], p["7"]["inputs"]["negative"] = [last, 0], [last, 1]
+    return p
+
+
+def test_two_types_of_one_union_file_in_a_stack_equal_comfyuis_chain(comfy_xl):
+    """Combine canny + Apply depth on one Union file = ComfyUI's SetUnionControlNetType -> Apply chain
+    (one pass per type, outputs summed) by default; `union_multi_condition` is another image."""
+    free(comfy_xl)
+    builtin = timed_run(comfy_xl, two_type_graph(False, prefix="chain_builtin"), "built-in chain canny -> depth")
+    free(comfy_xl)
+    ours = timed_run(comfy_xl, two_type_graph(True, prefix="chain_ours"), "CNCore Combine canny + Apply depth")
+    multi = timed_run(comfy_xl, two_type_graph(True, multi=True, prefix="chain_multi"),
+                      "CNCore Combine canny + Apply depth, union_multi_condition")
+    one = timed_run(comfy_xl, union_graph("CNCore_ApplyControlNet", prefix="chain_one"), "CNCore canny alone")
+    d, d_multi, d_one = pixel_diff(ours, builtin), pixel_diff(multi, builtin), pixel_diff(one, builtin)
+    print(f"\n[union chain] max pixel diff, two types: CNCore default vs built-in chain {d}/255; "
+          f"multi-condition vs chain {d_multi}/255; one type vs the two-type chain {d_one}/255")
+    assert d_one > 20, "the second type should visibly change the image"
+    assert d <= 1
+    assert d_multi > 5, "the multi-condition pass is another computation: it should give another image"
+
+
 def test_sdxl_workflows_validate_and_run(comfy_xl):
     """The shipped SDXL workflows (Union multi-type, LLLite) against the real /object_info, then
     queued as shipped but at 64x64 and 2 steps, on the files the fixture wrote under their names."""
