@@ -139,7 +139,9 @@ def comfy(tmp_path_factory):
     sd["input_blocks.1.0.in_layers.2.weight"] = sd["input_blocks.1.0.in_layers.2.weight"].to(torch.int8)
     save_file(sd, str(cn_dir / QUANTISED))
     (cn_dir / BROKEN).write_bytes(b"\x00\x01not a safetensors file" * 10)
-    with serve(base) as server:
+    # CNCORE_COMFYUI_FLAGS: extra ComfyUI flags for the whole suite, e.g. "--fp16-unet" (fp16 weights,
+    # fp32 compute on the CPU: ComfyUI's manual cast, for its loader and ours alike)
+    with serve(base, *os.environ.get("CNCORE_COMFYUI_FLAGS", "").split()) as server:
         yield server
 
 
