@@ -46,10 +46,10 @@ default a stack is that sum, and a host asks for fused passes explicitly. With `
 model call the active controls of a stack whose models share a `fusion_key` (`ControlModel`) and
 that agree on everything applied after the network (rules 2-5: `apply_to`, `global_pool`, the
 weights, and the mask: the same tensor or equal values) are evaluated in ONE call of the model's
-`fused_outputs`; the result is pooled, weighted and masked once, like one control's. Strength and start/end may differ: the gate (rule 1) is applied
-per call, so a control outside its window is simply not part of that call's pass, and each
-control's strength goes into the pass (the model applies it; the fused outputs are not scaled by
-strength again). Controls that differ in rules 2-5 cannot share one output, so they run
+`fused_outputs`; the result is pooled, weighted and masked once, like one control's. Strength and
+start/end may differ: the gate (rule 1) is applied per call, so a control outside its window is
+simply not part of that call's pass, and each control's strength goes into the pass (the model
+applies it; the fused outputs are not scaled by strength again). Controls that differ in rules 2-5 cannot share one output, so they run
 separately; a group of one is an ordinary control.
 """
 
