@@ -144,3 +144,24 @@ def test_control_lora_fp16_storage_fp32_compute_equals_the_rule(tmp_path):
     err = worst(outputs(model, inp), want)
     print(f"\n[compute dtype] Control-LoRA: rel {err:.1e}")
     assert err <= TOL
+
+
+def test_a_control_lora_keeps_its_file_tensors_as_stored_and_merges_in_the_dtype_asked_for(tmp_path):
+    """ComfyUI keeps a Control-LoRA's file tensors as the file stores them and builds only the merged
+    network in its compute dtype: an fp16 file loaded with dtype=fp32 (ComfyUI's CPU default) holds
+    fp16 tensors, merges in fp32 and equals the rule on the file's values."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from test_control_lora import outputs, rule_outputs
+
+    cfg = make_tiny_config("sd15")
+    unet = H.randomize_(UNet2DConditionModel(**H.unet_config("sd15")), 0)
+    host = H.host_weights_of(ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=TINY_HINT_BLOCKS).eval())
+    file_sd = {k: v.half() for k, v in H.make_file_sd(cfg, host, rank=4, seed=2).items()}
+    model = load_controlnet(H.save(file_sd, tmp_path / "clora_fp16.safetensors", dtype=F16), dtype=F32)
+    assert model.dtype == F32 and {p.dtype for p in model.parameters()} == {F16}
+    model.bind_host(lambda: host)
+    assert {p.dtype for p in model.bound_net.parameters()} == {F32}
+    inp = make_inputs(cfg, batch=2, size=8)
+    want = rule_outputs(H.by_the_rule(cfg, host, {k: v.float() for k, v in file_sd.items()}), inp)
+    assert worst(outputs(model, inp), want) <= TOL
