@@ -287,18 +287,11 @@ def load(source: Source, device: Any, dtype: torch.dtype, ops: Any, config: Cont
     """A `Source` holding a Control-LoRA -> the model (not yet bound to a base model).
     `config` overrides the architecture read from the shapes (still checked against them)."""
     cfg, full, lowrank, dense = _config(source.sd, source.name)
-    kept = source.checkpoint_dtype
-    narrower = (kept is not None and kept.is_floating_point and 1 < kept.itemsize
-                < torch.empty((), dtype=dtype).element_size())
-    if narrower:
-        # ComfyUI keeps a Control-LoRA's file tensors as the file stores them (its `control_weights`);
-        # only the merged network is built in the dtype it computes in. So do we: `dtype` becomes the
-        # compute dtype, and narrowing back is exact (the values were read from `kept`).
-        full = {k: v.to(kept) for k, v in full.items()}
-        lowrank = {m: fmt.LowRank(lr.up.to(kept), lr.down.to(kept)) for m, lr in lowrank.items()}
     model = ControlLoRA(config or cfg, full, lowrank, ops=ops, dtype=dtype, name=source.name, dense=dense).eval()
-    if narrower:
-        model.compute_dtype = dtype
+    # ComfyUI keeps a Control-LoRA's file tensors as the file stores them (its `control_weights`) and
+    # builds only the merged network in the dtype it computes in: the loader reads tensors stored
+    # narrower than `dtype` as they are (`keeps_file_dtype`), and `dtype` is the merge's dtype
+    model.compute_dtype = dtype
     return model
 
 

@@ -61,11 +61,20 @@ class _Reader:
     def __init__(self, device: Any, dtype: torch.dtype | None):
         self.device, self.dtype = device, dtype
         self.file_dtypes: Counter[torch.dtype] = Counter()
+        self.keep_narrower = False  # the family's `keeps_file_dtype`, set once detection has found it
+
+    def found(self, detected: detect.Detected) -> detect.Detected:
+        family = FAMILY_LOADERS.get(detected.family)
+        self.keep_narrower = family is not None and family.keeps_file_dtype
+        return detected
 
     def cast(self, t: torch.Tensor) -> torch.Tensor:
         self.file_dtypes[t.dtype] += t.numel()
         if t.is_floating_point():
-            return t.to(device=self.device, dtype=self.dtype if self.dtype is not None else kept_dtype(t.dtype))
+            dtype = self.dtype if self.dtype is not None else kept_dtype(t.dtype)
+            if self.keep_narrower and 1 < t.element_size() < torch.empty((), dtype=dtype).element_size():
+                dtype = t.dtype
+            return t.to(device=self.device, dtype=dtype)
         return t.to(device=self.device)
 
     @property
@@ -130,7 +139,7 @@ def kept_dtype(file_dtype: torch.dtype | None) -> torch.dtype | None:
 def _read_source(src: Any, reader: _Reader, name: str | None) -> Source:
     if isinstance(src, dict):
         name = name or "state dict"
-        found = _detect_or_refuse(src.keys(), name)
+        found = reader.found(_detect_or_refuse(src.keys(), name))
         for k, v in src.items():
             if not isinstance(v, torch.Tensor):
                 raise LoadError(f"{name}: value of {k!r} is a {type(v).__name__}, not a tensor")
@@ -143,7 +152,7 @@ def _read_source(src: Any, reader: _Reader, name: str | None) -> Source:
 
     def check(header: Header) -> None:
         if not seen:  # a sharded folder: the first shard tells the family
-            seen.append(_detect_or_refuse(header.keys(), name))
+            seen.append(reader.found(_detect_or_refuse(header.keys(), name)))
         check_weight_dtypes(header, name, seen[0])
 
     if path.is_dir():
@@ -187,7 +196,7 @@ def _naming_the_family(e: LoadError, path: Path, name: str, found: detect.Detect
 FAMILY_LOADERS: dict[str, FamilyLoader] = {
     detect.CONTROLNET: FamilyLoader(classic.load, classic.arch),
     detect.T2I_ADAPTER: FamilyLoader(t2i_adapter.load, t2i_adapter.arch),
-    detect.CONTROL_LORA: FamilyLoader(control_lora.load, control_lora.arch),
+    detect.CONTROL_LORA: FamilyLoader(control_lora.load, control_lora.arch, keeps_file_dtype=True),
     detect.UNION: FamilyLoader(union.load, union.arch),
     detect.LLLITE: FamilyLoader(lllite.load, lllite.arch),
 }
