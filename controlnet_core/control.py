@@ -38,15 +38,18 @@ Several controls add up: `ControlStack([a, b]).residuals(r)` is the sum of each 
 `set_previous_controlnet`) is the stack of its chain. Attention patches of a stack are applied one
 after the other at their site, oldest control first (host.py).
 
-Fused passes. Some families take several hints in one network pass (a ControlNet Union with
-several control types, as it was trained). On each model call, the active controls of a stack
-whose models share a `fusion_key` (`ControlModel`) and that agree on everything applied after the
-network (rules 2-5: `apply_to`, `global_pool`, the weights, and the mask: the same tensor or equal
-values) are evaluated in ONE call of the model's `fused_outputs`; the result is pooled, weighted and
-masked once, like one control's. Strength and start/end may differ: the gate (rule 1) is applied
-per call, so a control outside its window is simply not part of that call's pass, and each
-control's strength goes into the pass (the model applies it; the fused outputs are not scaled by
-strength again). Controls that differ in rules 2-5 cannot share one output, so they run
+Fused passes (opt-in: `ControlStack(..., fuse=True)`). Some families take several hints in one
+network pass (a ControlNet Union with several control types, as it was trained: xinsir's
+multi-condition inference, diffusers' `ControlNetUnionModel` with several types). That is another
+computation than the sum of one pass per control (ComfyUI's chain), so it gives another image: by
+default a stack is that sum, and a host asks for fused passes explicitly. With `fuse=True`, on each
+model call the active controls of a stack whose models share a `fusion_key` (`ControlModel`) and
+that agree on everything applied after the network (rules 2-5: `apply_to`, `global_pool`, the
+weights, and the mask: the same tensor or equal values) are evaluated in ONE call of the model's
+`fused_outputs`; the result is pooled, weighted and masked once, like one control's. Strength and
+start/end may differ: the gate (rule 1) is applied per call, so a control outside its window is
+simply not part of that call's pass, and each control's strength goes into the pass (the model
+applies it; the fused outputs are not scaled by strength again). Controls that differ in rules 2-5 cannot share one output, so they run
 separately; a group of one is an ordinary control.
 """
 
@@ -412,9 +415,14 @@ class Control:
 
 class ControlStack:
     """Several controls evaluated in one call; their residuals add up. Chains are flattened (each
-    control counted once), so a stack of chained controls is not evaluated twice."""
+    control counted once), so a stack of chained controls is not evaluated twice.
 
-    def __init__(self, controls: Sequence[Control]):
+    fuse: False (default): one pass per control, outputs summed = chaining the controls (ComfyUI's
+    chain, for every family). True: controls that can share one pass run as one (module docstring,
+    "Fused passes"; a Union's multi-condition pass), which for a Union is another result."""
+
+    def __init__(self, controls: Sequence[Control], fuse: bool = False):
+        self.fuse = bool(fuse)
         flat: list[Control] = []
         for top in controls:
             for c in reversed(list(top.chain())):  # oldest first, as ComfyUI's `prev + own`
@@ -443,7 +451,8 @@ class ControlStack:
             return fast
         sigma = float(request.sigma[0])
         total: Outputs | None = None
-        for group in fusion_groups([c for c in self.controls if c.is_active(sigma)]):
+        active = [c for c in self.controls if c.is_active(sigma)]
+        for group in (fusion_groups(active) if self.fuse else [[c] for c in active]):
             out = _group_outputs(group, request)
             if out is None:
                 continue

@@ -42,6 +42,7 @@ from .formats.controlnet import infer_config
 from .formats.detect import Detected
 from .formats.source import Source
 from .host import HostWeights, Outputs
+from .layers import ComputeDtype
 from .model import ConfigMembers, ControlNet
 
 # The parts of a UNet a ControlNet copies: what a Control-LoRA reads from its base model.
@@ -61,7 +62,7 @@ class _Bound:
     fingerprint: tuple
 
 
-class ControlLoRA(ConfigMembers, nn.Module):
+class ControlLoRA(ConfigMembers, ComputeDtype, nn.Module):
     """A Control-LoRA; implements `control.ControlModel` (see the module docstring)."""
 
     family = "Control-LoRA"
@@ -101,7 +102,9 @@ class ControlLoRA(ConfigMembers, nn.Module):
         return sorted({int(self.down[_slot(m)].shape[0]) for m in self._lowrank}, reverse=True)
 
     @property
-    def dtype(self) -> torch.dtype:
+    def storage_dtype(self) -> torch.dtype:
+        """The file's tensors' dtype. The merged ControlNet is built in the compute dtype (`dtype`), as
+        ComfyUI builds its own Control-LoRA's network in the dtype it computes in."""
         return next(iter(self.parameters())).dtype
 
     @property
@@ -116,7 +119,9 @@ class ControlLoRA(ConfigMembers, nn.Module):
         """Bytes a merge allocates at most: the merged copy, less what it shares with the file (base-model
         weights the file leaves as they are are shared too when their device and dtype already fit)."""
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return itemsize * sum(math.prod(self._shapes[k]) for k in self._built_keys)
+        # stored in another dtype than the merged net computes in: what the file stores whole is copied too
+        keys = self._built_keys if self.storage_dtype == self.dtype else self._shapes
+        return itemsize * sum(math.prod(self._shapes[k]) for k in keys)
 
     @property
     def bound_net(self) -> ControlNet | None:
@@ -282,7 +287,12 @@ def load(source: Source, device: Any, dtype: torch.dtype, ops: Any, config: Cont
     """A `Source` holding a Control-LoRA -> the model (not yet bound to a base model).
     `config` overrides the architecture read from the shapes (still checked against them)."""
     cfg, full, lowrank, dense = _config(source.sd, source.name)
-    return ControlLoRA(config or cfg, full, lowrank, ops=ops, dtype=dtype, name=source.name, dense=dense).eval()
+    model = ControlLoRA(config or cfg, full, lowrank, ops=ops, dtype=dtype, name=source.name, dense=dense).eval()
+    # ComfyUI keeps a Control-LoRA's file tensors as the file stores them (its `control_weights`) and
+    # builds only the merged network in the dtype it computes in: the loader reads tensors stored
+    # narrower than `dtype` as they are (`keeps_file_dtype`), and `dtype` is the merge's dtype
+    model.compute_dtype = dtype
+    return model
 
 
 def arch(header: dict[str, torch.Tensor], found: Detected) -> str:

@@ -30,6 +30,58 @@ DEFAULT_OPS = SimpleNamespace(
     Linear=nn.Linear, Conv2d=nn.Conv2d, GroupNorm=nn.GroupNorm, LayerNorm=nn.LayerNorm
 )
 
+
+# ---- weights stored in one dtype, computed in another ------------------------------------------
+# A host that keeps weights in a small storage dtype (fp16/bf16) but computes in fp32 (ComfyUI's
+# "manual cast": a CPU, or a GPU without fast fp16/bf16) holds each weight once, in the storage
+# dtype, and casts it to the input's dtype inside the layer's forward. `CAST_OPS` are such layers
+# for hosts without their own (ComfyUI passes `comfy.ops.manual_cast`, which does the same and
+# also follows its low-VRAM offloading). Cast weights are temporaries: the values computed with
+# are exactly the stored ones, widened.
+
+def _cast(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    return t if t is None or t.dtype == like.dtype else t.to(like.dtype)
+
+
+class CastLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, _cast(self.weight, x), _cast(self.bias, x))
+
+
+class CastConv2d(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, _cast(self.weight, x), _cast(self.bias, x))
+
+
+class CastGroupNorm(nn.GroupNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.num_groups, _cast(self.weight, x), _cast(self.bias, x), self.eps)
+
+
+class CastLayerNorm(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, _cast(self.weight, x), _cast(self.bias, x), self.eps)
+
+
+CAST_OPS = SimpleNamespace(Linear=CastLinear, Conv2d=CastConv2d, GroupNorm=CastGroupNorm, LayerNorm=CastLayerNorm)
+
+
+class ComputeDtype:
+    """For models whose weights may be stored in another dtype than they compute in: `dtype` is the
+    compute dtype (what inputs are cast to; `compute_dtype`, set by the loader, or else the weights'
+    own), `storage_dtype` the weights' (each family defines it). The layers must cast their weights
+    to the input's dtype (`CAST_OPS`, a host's casting ops) when the two differ."""
+
+    compute_dtype: torch.dtype | None = None
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_dtype or self.storage_dtype
+
 # (transformer block index, "attn1"|"attn2", "q"|"k"|"v", projection input, token grid) -> new input
 AttnPatch = Callable[[int, str, str, torch.Tensor, tuple[int, int]], torch.Tensor]
 

@@ -37,7 +37,7 @@ from .formats.detect import Detected
 from .formats.lllite import ModuleSpec
 from .formats.source import Source, StateDict, assign_weights
 from .host import ATTENTION, AttnSite, HostWeights, Outputs
-from .layers import DEFAULT_OPS
+from .layers import DEFAULT_OPS, ComputeDtype
 
 
 class LLLiteModule(nn.Module):
@@ -73,7 +73,7 @@ class LLLiteModule(nn.Module):
         return self.up(self.mid(torch.cat([cx, self.down(h)], dim=-1)))
 
 
-class ControlNetLLLite(nn.Module):
+class ControlNetLLLite(ComputeDtype, nn.Module):
     """All modules of one LLLite file, registered under their file names (so the state dict keys are
     the file's); implements `control.ControlModel`."""
 
@@ -96,7 +96,7 @@ class ControlNetLLLite(nn.Module):
         self.blocks = list(dict.fromkeys(s.site.block for s in self.specs))  # the UNet blocks, host order
 
     @property
-    def dtype(self) -> torch.dtype:
+    def storage_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
     def module(self, spec: ModuleSpec) -> LLLiteModule:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from .formats.files import (
 )
 from .formats.original import add_prefix
 from .formats.source import FamilyLoader, Source
+from .layers import CAST_OPS
 from .model import ControlNet
 
 StateDict = dict[str, torch.Tensor]
@@ -59,11 +61,20 @@ class _Reader:
     def __init__(self, device: Any, dtype: torch.dtype | None):
         self.device, self.dtype = device, dtype
         self.file_dtypes: Counter[torch.dtype] = Counter()
+        self.keep_narrower = False  # the family's `keeps_file_dtype`, set once detection has found it
+
+    def found(self, detected: detect.Detected) -> detect.Detected:
+        family = FAMILY_LOADERS.get(detected.family)
+        self.keep_narrower = family is not None and family.keeps_file_dtype
+        return detected
 
     def cast(self, t: torch.Tensor) -> torch.Tensor:
         self.file_dtypes[t.dtype] += t.numel()
         if t.is_floating_point():
-            return t.to(device=self.device, dtype=self.dtype if self.dtype is not None else compute_dtype(t.dtype))
+            dtype = self.dtype if self.dtype is not None else kept_dtype(t.dtype)
+            if self.keep_narrower and 1 < t.element_size() < torch.empty((), dtype=dtype).element_size():
+                dtype = t.dtype
+            return t.to(device=self.device, dtype=dtype)
         return t.to(device=self.device)
 
     @property
@@ -117,9 +128,9 @@ def check_weight_dtypes(header: Header, name: str, found: detect.Detected) -> No
             )
 
 
-def compute_dtype(file_dtype: torch.dtype | None) -> torch.dtype | None:
-    """The dtype a model runs in when the caller keeps the file's (`dtype=None`): the file's own,
-    except float8, which torch cannot convolve in (2.13, CPU and CUDA): float16 then."""
+def kept_dtype(file_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype a model's weights are kept in when the caller keeps the file's (`dtype=None`): the
+    file's own, except float8, which torch cannot convolve in (2.13, CPU and CUDA): float16 then."""
     if file_dtype is not None and file_dtype.itemsize == 1 and file_dtype.is_floating_point:
         return torch.float16
     return file_dtype
@@ -128,7 +139,7 @@ def compute_dtype(file_dtype: torch.dtype | None) -> torch.dtype | None:
 def _read_source(src: Any, reader: _Reader, name: str | None) -> Source:
     if isinstance(src, dict):
         name = name or "state dict"
-        found = _detect_or_refuse(src.keys(), name)
+        found = reader.found(_detect_or_refuse(src.keys(), name))
         for k, v in src.items():
             if not isinstance(v, torch.Tensor):
                 raise LoadError(f"{name}: value of {k!r} is a {type(v).__name__}, not a tensor")
@@ -141,7 +152,7 @@ def _read_source(src: Any, reader: _Reader, name: str | None) -> Source:
 
     def check(header: Header) -> None:
         if not seen:  # a sharded folder: the first shard tells the family
-            seen.append(_detect_or_refuse(header.keys(), name))
+            seen.append(reader.found(_detect_or_refuse(header.keys(), name)))
         check_weight_dtypes(header, name, seen[0])
 
     if path.is_dir():
@@ -185,7 +196,7 @@ def _naming_the_family(e: LoadError, path: Path, name: str, found: detect.Detect
 FAMILY_LOADERS: dict[str, FamilyLoader] = {
     detect.CONTROLNET: FamilyLoader(classic.load, classic.arch),
     detect.T2I_ADAPTER: FamilyLoader(t2i_adapter.load, t2i_adapter.arch),
-    detect.CONTROL_LORA: FamilyLoader(control_lora.load, control_lora.arch),
+    detect.CONTROL_LORA: FamilyLoader(control_lora.load, control_lora.arch, keeps_file_dtype=True),
     detect.UNION: FamilyLoader(union.load, union.arch),
     detect.LLLITE: FamilyLoader(lllite.load, lllite.arch),
 }
@@ -199,18 +210,30 @@ def load_controlnet(
     name: str | None = None,
     *,
     config: Any = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> Any:
     """Load a control model of any supported family from a file, a diffusers folder or a state dict.
 
-    `dtype=None` keeps the checkpoint's own dtype (float8 files: float16, see `compute_dtype`). `ops` is a host layer namespace (ComfyUI's
-    `comfy.ops.*`). `config` overrides the inferred architecture (checked against the shapes).
+    `dtype` is the dtype the weights are stored in; `dtype=None` keeps the checkpoint's own (float8
+    files: float16, see `kept_dtype`). `compute_dtype` (None: the same) is the dtype the model
+    computes in: with another one the weights stay stored in `dtype` and every layer casts them to
+    its input's dtype as it runs (ComfyUI's manual cast: fp16 weights, fp32 compute on a CPU), so
+    they are held once, at the storage size; the model's `dtype` is then `compute_dtype`, its
+    `storage_dtype` the weights'. `ops` is a host layer namespace (ComfyUI's `comfy.ops.*`; for a
+    `compute_dtype`, casting layers such as `comfy.ops.manual_cast`; default: `layers.CAST_OPS`).
+    `config` overrides the inferred architecture (checked against the shapes).
     The returned model carries `source_name`, `source_format` (the layout) and `checkpoint_dtype`.
     """
     reader = _Reader(device, dtype)
     source = _read_source(src, reader, name)
     family = FAMILY_LOADERS[source.detected.family]
-    model = family.load(source, device, dtype if dtype is not None else compute_dtype(reader.checkpoint_dtype), ops,
-                        config)
+    stored = dtype if dtype is not None else kept_dtype(reader.checkpoint_dtype)
+    cast = compute_dtype is not None and compute_dtype != stored
+    if cast and ops is None:
+        ops = CAST_OPS
+    model = family.load(source, device, stored, ops, config)
+    if cast:
+        model.compute_dtype = compute_dtype
     model.source_name = source.name
     model.source_format = source.detected.layout
     model.checkpoint_dtype = reader.checkpoint_dtype
@@ -226,6 +249,7 @@ class ModelInfo:
     layout: str
     supported: bool
     size_bytes: int
+    weight_dtype: torch.dtype | None = None  # the dtype most of its numbers are stored in (ComfyUI's weight_dtype)
 
 
 def inspect_controlnet(path: str | os.PathLike) -> ModelInfo:
@@ -246,10 +270,15 @@ def inspect_controlnet(path: str | os.PathLike) -> ModelInfo:
     found = detect.detect(header.keys(), path.name)
     family = found.display.split(" ", 1)[1] if found.display.startswith(("a ", "an ")) else found.display
     loader = FAMILY_LOADERS.get(found.family)
+    counts: Counter[torch.dtype] = Counter()
+    for v in header.values():
+        if v.dtype is not None:
+            counts[v.dtype] += math.prod(v.shape)
+    weight_dtype = counts.most_common(1)[0][0] if counts else None
     if loader is None:
-        return ModelInfo(family, None, found.layout, False, size)
+        return ModelInfo(family, None, found.layout, False, size, weight_dtype)
     meta_sd = {k: torch.empty(v.shape, device="meta") for k, v in header.items()}
-    return ModelInfo(family, loader.arch(meta_sd, found), found.layout, True, size)
+    return ModelInfo(family, loader.arch(meta_sd, found), found.layout, True, size, weight_dtype)
 
 
 # --------------------------------------------------------------------------------------------

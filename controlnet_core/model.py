@@ -25,7 +25,7 @@ from .errors import InputError
 from .formats.controlnet import controlnet_config, infer_config, native_state_dict
 from .formats.detect import Detected
 from .formats.source import Source, StateDict, assign_weights
-from .layers import DEFAULT_OPS, TimestepSequential, build_encoder, build_time_embedding, timestep_embedding
+from .layers import DEFAULT_OPS, ComputeDtype, TimestepSequential, build_encoder, build_time_embedding, timestep_embedding
 
 Residuals = tuple[list[torch.Tensor], torch.Tensor]
 
@@ -76,7 +76,7 @@ class ConfigMembers:
         return levels + [len(cfg.channel_mult) - 1]
 
 
-class ControlNet(ConfigMembers, nn.Module):
+class ControlNet(ConfigMembers, ComputeDtype, nn.Module):
     """The classic ControlNet; also the reference implementation of `control.ControlModel`."""
 
     family = "ControlNet"
@@ -131,7 +131,7 @@ class ControlNet(ConfigMembers, nn.Module):
         return {"output": down, "middle": [mid]}
 
     @property
-    def dtype(self) -> torch.dtype:
+    def storage_dtype(self) -> torch.dtype:
         return self.time_embed[0].weight.dtype
 
     @property

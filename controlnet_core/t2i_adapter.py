@@ -51,7 +51,7 @@ from .errors import InputError
 from .formats import t2i_adapter as fmt
 from .formats.detect import Detected
 from .formats.source import Source, StateDict, assign_weights
-from .layers import DEFAULT_OPS
+from .layers import DEFAULT_OPS, ComputeDtype
 
 # A1111's "My prompt is more important" for T2I-Adapters (sd-webui-controlnet hook.py), also
 # ComfyUI-Advanced-ControlNet's T2I soft weights: one factor per feature, shallowest first.
@@ -110,7 +110,7 @@ class _LightLevel(nn.Module):
         return self.out_conv(self.body(self.in_conv(x)))
 
 
-class T2IAdapter(nn.Module):
+class T2IAdapter(ComputeDtype, nn.Module):
     """A T2I-Adapter of any kind; implements `control.ControlModel`."""
 
     family = "T2I-Adapter"
@@ -158,7 +158,7 @@ class T2IAdapter(nn.Module):
         return self.config.host_layout
 
     @property
-    def dtype(self) -> torch.dtype:
+    def storage_dtype(self) -> torch.dtype:
         return self._first_conv().weight.dtype
 
     @property

@@ -84,8 +84,8 @@ class NetHolder(nn.Module):
         super().__init__()
         self.net = net
 
-    def get_dtype(self) -> torch.dtype:
-        return self.net.dtype
+    def get_dtype(self) -> torch.dtype:  # what the weights are stored in (ComfyUI's model dtype)
+        return getattr(self.net, "storage_dtype", self.net.dtype)
 
 
 # ------------------------------------------------------------------------------------------
@@ -275,22 +275,49 @@ def progress_reporter(total: int) -> Callable[[int, int], None] | None:
     return lambda done, _total: bar.update_absolute(done, _total)
 
 
-def _dtype_and_devices() -> tuple[torch.dtype, Any, Any, bool]:
-    """(compute dtype, load device, offload device, fp8 storage). ComfyUI's `--fp8_e4m3fn-unet`
-    (and the like) asks for fp8 weight storage: the net is then loaded in the compute dtype and
-    its weights stored as e4m3 with a per-tensor scale (`fast.prepare(fp8=True)`), about half the
-    memory of fp16, as ComfyUI's own ControlNet loader does with that flag."""
+def _dtype_and_devices(weight_dtype: torch.dtype | None = None) -> tuple[torch.dtype, torch.dtype, Any, Any, bool]:
+    """(storage dtype, compute dtype, load device, offload device, fp8 storage), chosen as ComfyUI's
+    own ControlNet loader chooses them (`comfy/controlnet.py`, `load_controlnet_state_dict`): the
+    weights are stored in `unet_dtype(model_params=-1, weight_dtype=<the file's>)` (the
+    `--fp16-unet` / `--bf16-unet` / ... flags; fp32 on a CPU by default) and computed in
+    `unet_manual_cast(storage, device)` where the device cannot compute in that dtype (a CPU with
+    `--fp16-unet`, a GPU without fast fp16/bf16), through `comfy.ops.manual_cast`; so the net holds
+    what ComfyUI's loader holds for the same file, not a copy widened to the compute dtype.
+
+    ComfyUI's `--fp8_e4m3fn-unet` (and the like) asks for fp8 weight storage: the net is then loaded
+    in the compute dtype and its weights stored as e4m3 with a per-tensor scale
+    (`fast.prepare(fp8=True)`), about half the memory of fp16, as ComfyUI's own loader does with
+    that flag."""
     import comfy.model_management as mm
 
     load_device = mm.get_torch_device()
-    dtype = mm.unet_dtype(supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])
-    fp8 = dtype in _FP8_DTYPES
-    compute = mm.unet_manual_cast(dtype, load_device)
-    if compute is not None:  # weights are kept in the dtype the device computes in
-        dtype = compute
-    elif fp8:  # a device that computes in fp8 itself: we still compute in fp16
-        dtype = torch.float16
-    return dtype, load_device, mm.unet_offload_device(), fp8 and fast.fp8_supported()
+    storage = mm.unet_dtype(model_params=-1, supported_dtypes=[torch.float16, torch.bfloat16, torch.float32],
+                            weight_dtype=weight_dtype)
+    fp8 = storage in _FP8_DTYPES
+    compute = mm.unet_manual_cast(storage, load_device) or storage
+    if fp8:
+        compute = torch.float16 if compute in _FP8_DTYPES else compute  # a device that computes in fp8 itself
+        if weight_dtype == storage:  # an fp8 file kept as it is, widened per layer (as ComfyUI's loader does)
+            return storage, compute, load_device, mm.unet_offload_device(), False
+        storage = compute  # fp8 storage asked for by a flag: our per-tensor-scaled payload, from compute weights
+    return storage, compute, load_device, mm.unet_offload_device(), fp8 and fast.fp8_supported()
+
+
+def _ops_for(storage: torch.dtype, compute: torch.dtype) -> Any:
+    """ComfyUI's layers for weights stored in `storage` and computed in `compute` (both skip the random
+    initialisation and follow ComfyUI's partial loading): `manual_cast` casts each weight to the input's
+    dtype as the layer runs (comfy.ops.pick_operations' rule)."""
+    import comfy.ops
+
+    return comfy.ops.disable_weight_init if storage == compute else comfy.ops.manual_cast
+
+
+def _file_weight_dtype(path: str) -> torch.dtype | None:
+    """The dtype most of the file's numbers are stored in, from its header (ComfyUI's `weight_dtype`)."""
+    try:
+        return inspect_controlnet(path).weight_dtype
+    except Exception:  # the load itself says what is wrong with the file
+        return None
 
 
 _FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu") if hasattr(torch, n))
@@ -310,11 +337,10 @@ def _make_handle(net: nn.Module, name: str, load_device: Any, offload_device: An
 def load_control(name: str) -> Any:
     """Load `name` from the controlnet folders as our CONTROL_NET object."""
     path = resolve_model_path(name)
-    import comfy.ops
-
-    dtype, load_device, offload_device, fp8 = _dtype_and_devices()
+    storage, compute, load_device, offload_device, fp8 = _dtype_and_devices(_file_weight_dtype(path))
     try:
-        net = load_controlnet(path, device=offload_device, dtype=dtype, ops=comfy.ops.disable_weight_init, name=name)
+        net = load_controlnet(path, device=offload_device, dtype=storage, ops=_ops_for(storage, compute), name=name,
+                              compute_dtype=compute)
         if fp8 and getattr(net, "fast_path_net", None) is net:  # a plain ControlNet (fp8 storage is the runner's)
             fast.prepare(net, fp8=True)
     except UnsupportedFamilyError as e:
@@ -328,8 +354,9 @@ def load_control(name: str) -> Any:
         ) from None
     control = control_class()(_make_handle(net, name, load_device, offload_device))
     control.global_average_pooling = default_global_pool(name)
-    log.info("CNCore: loaded %s: %s for %s (%s layout, %s)", name, net.family, FAMILY.get(net.arch, net.arch),
-             getattr(net, "source_format", "?"), str(net.dtype).removeprefix("torch."))
+    log.info("CNCore: loaded %s: %s for %s (%s layout, weights %s, computed in %s)", name, net.family,
+             FAMILY.get(net.arch, net.arch), getattr(net, "source_format", "?"),
+             str(net.storage_dtype).removeprefix("torch."), str(net.dtype).removeprefix("torch."))
     return control
 
 
@@ -348,7 +375,7 @@ def _comfyui_network(control_net: Any) -> tuple[nn.Module, torch.dtype | None, A
         model = getattr(control_net, "t2i_model", None)
         if type(model) in (t2i.Adapter, t2i.Adapter_light):  # not Stable Cascade's, also loaded as one
             # ComfyUI runs it in the sampling dtype: so do we
-            return model, _dtype_and_devices()[0], getattr(control_net, "device", None)
+            return model, _dtype_and_devices()[1], getattr(control_net, "device", None)
     return None
 
 
@@ -357,8 +384,6 @@ def _handle_for(control_net: Any) -> NetHandle:
     converted (its weights shared where the dtype allows, not copied), once per network."""
     if is_core_control(control_net):
         return control_net.handle
-    import comfy.ops
-
     found = _comfyui_network(control_net)
     if found is None:
         raise InputError(
@@ -366,15 +391,16 @@ def _handle_for(control_net: Any) -> NetHandle:
             "options work with it (control mode 'balanced', resize 'crop', interpolation 'nearest-exact', no "
             "mask, no stack, control_type 'auto'); load it with 'Load ControlNet (CNCore)' to use them"
         )
-    model, dtype, load_device = found
+    model, compute, load_device = found
     if model in _converted:
         return _converted[model]
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    dtype = dtype or next(iter(state.values())).dtype
+    storage = next(iter(state.values())).dtype  # kept as ComfyUI keeps them: shared, not copied
+    compute = compute or storage
     device = next(iter(state.values())).device
     try:
-        net = load_controlnet(state, device=device, dtype=dtype, ops=comfy.ops.disable_weight_init,
-                              name="from ComfyUI's Load ControlNet node")
+        net = load_controlnet(state, device=device, dtype=storage, ops=_ops_for(storage, compute),
+                              name="from ComfyUI's Load ControlNet node", compute_dtype=compute)
     except ControlNetError as e:
         raise InputError(
             f"this ControlNet from ComfyUI's loader cannot take the CNCore options ({e}); use the default options "
@@ -434,13 +460,15 @@ def apply_control(
     positive: Any, negative: Any, control_net: Any, image: torch.Tensor, strength: float, start_percent: float,
     end_percent: float, control_mode: str = DEFAULT_MODE, resize_mode: str = DEFAULT_RESIZE,
     interpolation: str = DEFAULT_INTERPOLATION, vae: Any = None, mask: Any = None, control_stack: Any = None,
-    control_type: str = DEFAULT_CONTROL_TYPE,
+    control_type: str = DEFAULT_CONTROL_TYPE, union_multi_condition: bool = False,
 ) -> tuple[Any, Any]:
     """Attach the control (and a stack) to every conditioning of positive and negative.
 
     As ComfyUI's ControlNetApplyAdvanced: strength 0 (and no stack) returns the inputs unchanged;
     each distinct previous control gets one new control object, shared by positive and negative (so
-    they are batched together); `control_apply_to_uncond` is False.
+    they are batched together); `control_apply_to_uncond` is False. `union_multi_condition`: the
+    types of one Union file in this node's stack run as one multi-condition pass (ControlStack's
+    `fuse`) instead of one pass per type summed (ComfyUI's chain, the default).
     """
     if control_net is None:
         raise InputError("connect a ControlNet (from a Load ControlNet node) to control_net")
@@ -473,6 +501,7 @@ def apply_control(
             c.cncore_mode, c.cncore_resize, c.cncore_interpolation = control_mode, resize_mode, interpolation
             c.cncore_mask = mask
             c.cncore_control_type = control_type
+            c.cncore_multi_condition = bool(union_multi_condition)
             c.cncore_entries = list(bound)
             return c
 

@@ -298,6 +298,7 @@ class CoreControlMixin:
         self.cncore_interpolation = DEFAULT_INTERPOLATION
         self.cncore_mask: torch.Tensor | None = None
         self.cncore_control_type = DEFAULT_CONTROL_TYPE
+        self.cncore_multi_condition = False  # Union: one multi-condition pass (ControlStack fuse)
         self.cncore_entries: list[BoundEntry] = []
         self._cncore_stack: ControlStack | None = None
         self._cncore_sampling: Any = None
@@ -342,7 +343,7 @@ class CoreControlMixin:
                 Control(net, e.hint,
                         self.cncore_settings(e.strength, e.start_percent, e.end_percent, e.global_pool), mask=e.mask)
             )
-        return ControlStack(controls)
+        return ControlStack(controls, fuse=self.cncore_multi_condition)
 
     def cncore_type(self, control_type: str = DEFAULT_CONTROL_TYPE) -> str | int:
         """The Union type to run this net with: `control_type` (a Combine node's, for a stack entry of
@@ -440,6 +441,7 @@ class CoreControlMixin:
         c.cncore_interpolation = self.cncore_interpolation
         c.cncore_mask = self.cncore_mask
         c.cncore_control_type = self.cncore_control_type
+        c.cncore_multi_condition = self.cncore_multi_condition
         c.cncore_entries = list(self.cncore_entries)
         return c
 

@@ -29,8 +29,14 @@ TIP_MASK = (
 
 TIP_CONTROL_TYPE = (
     "ControlNet Union / ProMax only: what the hint image is (ComfyUI's SetUnionControlNetType names). 'auto' = no "
-    "type (ComfyUI's plain hint path). Entries of the same Union model with different types in one stack run as "
-    "ONE pass. tile and repaint need ProMax. Leave 'auto' for other ControlNets."
+    "type (ComfyUI's plain hint path). tile and repaint need ProMax. Leave 'auto' for other ControlNets."
+)
+TIP_MULTI_CONDITION = (
+    "ControlNet Union / ProMax only. Off (default): each control type of a stack gets its own pass and the results "
+    "add up, the image ComfyUI's SetUnionControlNetType + Apply chain gives. On: the types of one Union file in this "
+    "stack (same control mode and mask) run as ONE multi-condition pass, as xinsir's multi-control inference and "
+    "diffusers do: another image (strength then weights each type inside the network), and one network pass instead "
+    "of one per type (faster)."
 )
 
 
@@ -199,6 +205,7 @@ class ApplyControlNet:
                     "tooltip": "More controls from Combine ControlNets (CNCore), applied together with this one; "
                                "the modes above apply to all of them."}),
                 "control_type": _control_type(),
+                "union_multi_condition": ("BOOLEAN", {"default": False, "tooltip": TIP_MULTI_CONDITION}),
             },
         }
 
@@ -210,11 +217,12 @@ class ApplyControlNet:
 
     def apply(self, positive, negative, control_net, image, strength, start_percent, end_percent,
               control_mode=DEFAULT_MODE, resize_mode=DEFAULT_RESIZE, interpolation=DEFAULT_INTERPOLATION,
-              vae=None, mask=None, control_stack=None, control_type=DEFAULT_CONTROL_TYPE):
+              vae=None, mask=None, control_stack=None, control_type=DEFAULT_CONTROL_TYPE, union_multi_condition=False):
         return adapter.apply_control(
             positive, negative, control_net, image, strength, start_percent, end_percent,
             control_mode=control_mode, resize_mode=resize_mode, interpolation=interpolation,
             vae=vae, mask=mask, control_stack=control_stack, control_type=control_type,
+            union_multi_condition=union_multi_condition,
         )
 
 
@@ -224,7 +232,7 @@ class CombineControls:
 
     DESCRIPTION = (
         "Adds a ControlNet + hint (+ strength, schedule, mask) to a stack. Chain several, then connect the "
-        "stack to Apply ControlNet (CNCore); all controls run in one pass and their effects add up."
+        "stack to Apply ControlNet (CNCore); all controls run in one call and their effects add up."
     )
 
     @classmethod

@@ -185,11 +185,13 @@ def random_vae(seed):
 '''
 
 
-def run_in_comfyui(script: Path, body: str, *args: str | Path, timeout: float) -> None:
+def run_in_comfyui(script: Path, body: str, *args: str | Path, timeout: float, python: str | None = None) -> None:
     """Write `SCRIPT_PRELUDE` + `body` to `script` and run it in ComfyUI's interpreter (in the
-    script's folder), `args` in its sys.argv[1:]."""
+    script's folder), `args` in its sys.argv[1:]. `python`: another interpreter (ComfyUI's code is
+    still importable), e.g. the test's own for a script that needs a test extra such as diffusers,
+    which ComfyUI's environment need not have."""
     script.write_text(SCRIPT_PRELUDE + body)
-    subprocess.run([COMFYUI_PYTHON, str(script), *map(str, args)], check=True, cwd=script.parent, timeout=timeout,
+    subprocess.run([python or COMFYUI_PYTHON, str(script), *map(str, args)], check=True, cwd=script.parent, timeout=timeout,
                    env={**os.environ, "COMFYUI_PATH": COMFYUI_PATH})
 
 

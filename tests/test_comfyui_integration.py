@@ -139,7 +139,9 @@ def comfy(tmp_path_factory):
     sd["input_blocks.1.0.in_layers.2.weight"] = sd["input_blocks.1.0.in_layers.2.weight"].to(torch.int8)
     save_file(sd, str(cn_dir / QUANTISED))
     (cn_dir / BROKEN).write_bytes(b"\x00\x01not a safetensors file" * 10)
-    with serve(base) as server:
+    # CNCORE_COMFYUI_FLAGS: extra ComfyUI flags for the whole suite, e.g. "--fp16-unet" (fp16 weights,
+    # fp32 compute on the CPU: ComfyUI's manual cast, for its loader and ours alike)
+    with serve(base, *os.environ.get("CNCORE_COMFYUI_FLAGS", "").split()) as server:
         yield server
 
 
@@ -200,7 +202,7 @@ def test_object_info_lists_the_four_nodes(comfy):
     assert apply["input_order"]["required"] == [
         "positive", "negative", "control_net", "image", "strength", "start_percent", "end_percent",
         "control_mode", "resize_mode", "interpolation"]
-    assert apply["input_order"]["optional"] == ["vae", "mask", "control_stack", "control_type"]
+    assert apply["input_order"]["optional"] == ["vae", "mask", "control_stack", "control_type", "union_multi_condition"]
     assert apply["output"] == ["CONDITIONING", "CONDITIONING"]
     assert info["CNCore_LoadControlNet"]["output"] == ["CONTROL_NET"] == info["ControlNetLoader"]["output"]
     assert "canny" in info["CNCore_Preprocessor"]["input"]["required"]["method"][0]

@@ -65,7 +65,9 @@ def test_apply_node_inputs_match_comfyui_apply_advanced_then_extend_it():
     assert list(spec["required"]) == [
         "positive", "negative", "control_net", "image", "strength", "start_percent", "end_percent",
         "control_mode", "resize_mode", "interpolation"]
-    assert list(spec["optional"]) == ["vae", "mask", "control_stack", "control_type"]
+    assert list(spec["optional"]) == ["vae", "mask", "control_stack", "control_type", "union_multi_condition"]
+    multi = spec["optional"]["union_multi_condition"]  # off: a stack = the chain of Apply nodes (ComfyUI)
+    assert multi[0] == "BOOLEAN" and multi[1]["default"] is False
     req = spec["required"]
     # ComfyUI's ControlNetApplyAdvanced: strength 1.0 in 0..10 step 0.01, start 0 / end 1 step 0.001
     assert req["strength"][0] == "FLOAT" and {k: req["strength"][1][k] for k in ("default", "min", "max", "step")} == {

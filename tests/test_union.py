@@ -2,9 +2,10 @@
 weights, saved by diffusers' own `save_pretrained` (folder with config.json, and the weights file
 alone, as xinsir ships it).
 
-Every expectation comes from diffusers' forward (single types, several types in one pass with
-per-type `conditioning_scale`), from the rules written in union.py / control.py (which controls
-fuse into one pass), or from xinsir's inpainting script (masked pixels set to 0). Tiny configs:
+Every expectation comes from diffusers' forward (single types; the default stack = the sum of
+single-type forwards, ComfyUI's chain; several types in one pass with per-type
+`conditioning_scale`, the multi-condition option), from the rules written in union.py / control.py
+(which controls fuse into one pass), or from xinsir's inpainting script (masked pixels set to 0). Tiny configs:
 diffusers needs the token width (`num_trans_channel`) equal to the first block width, so it is 64
 here (320 in the real files).
 """
@@ -118,9 +119,10 @@ def everything(p: float) -> float:
     return 1e9 if p <= 0 else (0.0 if p >= 1 else 10.0 * (1.0 - p))
 
 
-def run_stack(controls, inp: Inp, cond_or_uncond=(0,), sigma: float = 5.0) -> list[torch.Tensor]:
-    """A stack's residuals as the host gets them, back in diffusers' order (skips, then middle)."""
-    stack = ControlStack(controls)
+def run_stack(controls, inp: Inp, cond_or_uncond=(0,), sigma: float = 5.0, fuse: bool = False) -> list[torch.Tensor]:
+    """A stack's residuals as the host gets them, back in diffusers' order (skips, then middle);
+    `fuse`: the multi-condition option (several types of one network in one pass)."""
+    stack = ControlStack(controls, fuse=fuse)
     stack.pre_run(everything)
     b = inp.x.shape[0]
     with torch.no_grad():
@@ -206,8 +208,30 @@ def test_the_type_changes_the_result_so_parity_is_not_trivial(net):
     (["openpose", "normal", "tile"], [0.5, 1.0, 0.8]),
 ])
 def test_one_fused_pass_matches_diffusers_multi_type(net, files, types, scales):
-    """Several controls of one Union network in a stack = diffusers' one pass with a list of hints and
-    per-type conditioning_scale (each control's strength), one encoder pass."""
+    """The multi-condition option: several controls of one Union network in a stack = diffusers' one
+    pass with a list of hints and per-type conditioning_scale (each control's strength), one encoder pass."""
+    inp, hs = inputs(), hints(len(types))
+    controls = [Control(net.select_type(t), h, ControlSettings(strength=s)) for t, h, s in zip(types, hs, scales)]
+    passes = count_passes(net)
+    try:
+        got = run_stack(controls, inp, fuse=True)
+    finally:
+        del net.encode
+    ref = run_diffusers(files["dm"], inp, hs, [type_index(t) for t in types], scales)
+    rel, abs_ = worst(got, ref)
+    print(f"\n[union parity] fused {types} x {scales}: rel {rel:.2e}, max abs {abs_:.2e}")
+    assert rel <= TOL and passes == [1]
+
+
+@pytest.mark.parametrize("types, scales", [
+    (["canny", "depth"], [1.0, 1.0]),
+    (["canny", "depth"], [0.7, 1.3]),
+    (["openpose", "normal", "tile"], [0.5, 1.0, 0.8]),
+])
+def test_by_default_a_stack_is_the_sum_of_one_pass_per_type_as_comfyuis_chain(net, files, types, scales):
+    """The default: one pass per control, each diffusers' single-type forward scaled by the strength
+    (ComfyUI's SetUnionControlNetType -> Apply chain: strength on the outputs, outputs summed), and
+    that is not the multi-condition pass."""
     inp, hs = inputs(), hints(len(types))
     controls = [Control(net.select_type(t), h, ControlSettings(strength=s)) for t, h, s in zip(types, hs, scales)]
     passes = count_passes(net)
@@ -215,10 +239,13 @@ def test_one_fused_pass_matches_diffusers_multi_type(net, files, types, scales):
         got = run_stack(controls, inp)
     finally:
         del net.encode
-    ref = run_diffusers(files["dm"], inp, hs, [type_index(t) for t in types], scales)
+    singles = [run_diffusers(files["dm"], inp, [h], [type_index(t)], [1.0]) for t, h in zip(types, hs)]
+    ref = [sum(s * r[i] for s, r in zip(scales, singles)) for i in range(len(singles[0]))]
     rel, abs_ = worst(got, ref)
-    print(f"\n[union parity] fused {types} x {scales}: rel {rel:.2e}, max abs {abs_:.2e}")
-    assert rel <= TOL and passes == [1]
+    print(f"\n[union parity] default (chain) {types} x {scales}: rel {rel:.2e}, max abs {abs_:.2e}")
+    assert rel <= TOL and passes == [len(types)]
+    multi = run_diffusers(files["dm"], inp, hs, [type_index(t) for t in types], scales)
+    assert worst(multi, ref)[0] > 1e-2  # the two rules differ: the choice is visible
 
 
 def test_auto_is_the_plain_hint_path_with_the_zero_type_embedding(net, files):
@@ -244,10 +271,10 @@ def test_a_samples_residuals_do_not_depend_on_the_rest_of_the_batch(net, files):
     inp = inputs(batch=2)
     h2 = hints(2, batch=2)  # one hint per latent, per type
     for types in (["depth"], ["canny", "depth"]):
-        both = run_stack([Control(net.select_type(t), h) for t, h in zip(types, h2)], inp)
+        both = run_stack([Control(net.select_type(t), h) for t, h in zip(types, h2)], inp, fuse=True)
         for i in range(2):
             row = slice(i, i + 1)
-            alone = run_stack([Control(net.select_type(t), h[row]) for t, h in zip(types, h2)], inp.rows(row))
+            alone = run_stack([Control(net.select_type(t), h[row]) for t, h in zip(types, h2)], inp.rows(row), fuse=True)
             assert max(rel_err(a[row], b) for a, b in zip(both, alone)) <= 1e-5
             # ... and each sample is what diffusers gives for that sample at batch 1
             ref = run_diffusers(files["dm"], inp.rows(row), [h[row] for h in h2[:len(types)]],
@@ -294,16 +321,17 @@ def test_only_what_can_share_one_output_is_fused(net, files):
 
 
 def test_a_control_outside_its_window_leaves_the_pass_to_the_others(net, files):
-    """start/end are gated per call: at a step where only one control is active, the pass is that
-    control alone (a single-type pass, strength on the outputs, as diffusers with one type)."""
+    """With the multi-condition option, start/end are gated per call: at a step where only one
+    control is active, the pass is that control alone (a single-type pass, strength on the outputs,
+    as diffusers with one type)."""
     inp, (h1, h2) = inputs(), hints(2)
     late = Control(net.select_type("depth"), h2, ControlSettings(strength=0.8, start_percent=0.5))
     early = Control(net.select_type("canny"), h1, ControlSettings(strength=0.6))
     sigma_early = everything(0.2)  # before `late` starts
-    got = run_stack([early, late], inp, sigma=sigma_early)
+    got = run_stack([early, late], inp, sigma=sigma_early, fuse=True)
     ref = run_diffusers(files["dm"], inp, [h1], [3], [0.6])
     assert worst(got, ref)[0] <= TOL
-    got = run_stack([early, late], inp, sigma=everything(0.7))
+    got = run_stack([early, late], inp, sigma=everything(0.7), fuse=True)
     ref = run_diffusers(files["dm"], inp, [h1, h2], [3, 1], [0.6, 0.8])
     assert worst(got, ref)[0] <= TOL
 
@@ -373,7 +401,10 @@ def _host_step(inp: Inp, sigma: float = 3.0):
     return x, t, cond, seen
 
 
-def test_apply_and_combine_with_types_run_one_union_pass_like_diffusers(files):
+def test_apply_and_combine_with_types_chain_by_default_and_fuse_with_the_option(files):
+    """Combine (depth) + Apply (canny) on one Union file: by default one pass per type summed (each row
+    = diffusers' single-type forwards scaled by the strengths and summed: ComfyUI's chain); with
+    `union_multi_condition` one pass = diffusers' multi-condition forward."""
     from comfyui_controlnet_core import NODE_CLASS_MAPPINGS
     from test_nodes import Sampling, fake_model
 
@@ -384,18 +415,28 @@ def test_apply_and_combine_with_types_run_one_union_pass_like_diffusers(files):
     apply = NODE_CLASS_MAPPINGS["CNCore_ApplyControlNet"]()
     stack = combine.combine(union, img2, 1.3, 0.0, 1.0, control_type="depth")[0]
     text = [[torch.randn(1, 5, 32), {}]]
-    pos, neg = apply.apply(text, text, union, img1, 0.7, 0.0, 1.0, control_stack=stack,
-                           control_type="canny/lineart/anime_lineart/mlsd")
-    c = pos[0][1]["control"]
-    c.pre_run(fake_model(context_dim=32, adm=TEXT + 6 * ADD), Sampling().percent_to_sigma)
-    passes = count_passes(union.handle.net)
     x, t, cond, seen = _host_step(inputs())
-    out = c.get_control(x, t, cond, 2, {"cond_or_uncond": [0, 1]})
-    assert passes == [1]  # the Apply node's control and the stack entry: one network pass
-    got = [*out["output"], out["middle"][0]]
-    for row in range(2):  # each row is diffusers' batch-1 result for it (diffusers would mix the two)
-        ref = run_diffusers(files["dm"], seen[row], [h1, h2], [3, 1], [0.7, 1.3])
-        assert worst([g[row:row + 1] for g in got], ref)[0] <= TOL
+    for multi in (False, True):
+        kw = {"union_multi_condition": True} if multi else {}  # the default is what a saved workflow gets
+        pos, neg = apply.apply(text, text, union, img1, 0.7, 0.0, 1.0, control_stack=stack,
+                               control_type="canny/lineart/anime_lineart/mlsd", **kw)
+        c = pos[0][1]["control"]
+        assert neg[0][1]["control"] is c
+        c.pre_run(fake_model(context_dim=32, adm=TEXT + 6 * ADD), Sampling().percent_to_sigma)
+        passes = count_passes(union.handle.net)
+        try:
+            out = c.get_control(x, t, cond, 2, {"cond_or_uncond": [0, 1]})
+        finally:
+            del union.handle.net.encode
+        assert passes == ([1] if multi else [2])
+        got = [*out["output"], out["middle"][0]]
+        for row in range(2):  # each row is diffusers' batch-1 result for it (diffusers would mix the two)
+            if multi:
+                ref = run_diffusers(files["dm"], seen[row], [h1, h2], [3, 1], [0.7, 1.3])
+            else:
+                a, b = (run_diffusers(files["dm"], seen[row], [h], [k], [1.0]) for h, k in ((h1, 3), (h2, 1)))
+                ref = [0.7 * p + 1.3 * q for p, q in zip(a, b)]
+            assert worst([g[row:row + 1] for g in got], ref)[0] <= TOL
     # one type alone through Apply: strength scales the outputs, as diffusers' single-type scale
     pos, _ = apply.apply(text, text, union, img2, 0.4, 0.0, 1.0, control_type="depth")
     c = pos[0][1]["control"]
@@ -433,6 +474,7 @@ def test_nodes_refuse_types_the_model_does_not_have(files):
 # the example workflow
 
 def test_the_union_workflow_runs_two_types_of_one_file_in_one_pass_and_is_laid_out_cleanly():
+    """The shipped Union workflow shows the multi-condition pass: one loader, two types, the option on."""
     import json
 
     from test_workflows import WORKFLOWS, load_pair
@@ -445,6 +487,7 @@ def test_the_union_workflow_runs_two_types_of_one_file_in_one_pass_and_is_laid_o
     assert apply["inputs"]["control_stack"][0] in api
     assert {apply["inputs"]["control_type"], combine["inputs"]["control_type"]} == {
         "canny/lineart/anime_lineart/mlsd", "tile"}
+    assert apply["inputs"]["union_multi_condition"] is True
     # clean layout: node rectangles (title bar ~30 px above pos) do not meet, and the saved view
     # shows the whole graph in a 1600 x 1000 viewport at a readable scale
     rects = [(n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1]) for n in ui["nodes"]]

@@ -4,6 +4,13 @@
 returns it. These are choices about the model, not per call, so they live here rather than in the
 runner (which works with whatever module it is given, on any of these forms).
 
+Weights stored in a smaller dtype than they compute in (ComfyUI's manual cast, `load_controlnet(...,
+compute_dtype=)`) are run as they are: the casting layers widen each weight as they run, inside
+the CUDA graph too. The fast path keeps no widened copy of its own: it would double the weights'
+memory, which is what storing them small is for, to save casts that cost a fraction of a step
+only on GPUs that cannot compute in the storage dtype (where ComfyUI's own ControlNet casts the
+same way); `prepare(net, dtype=...)` converts the weights themselves where a caller wants that.
+
 fp8 storage keeps every Linear/Conv2d weight (except the small time/label embeddings) as
 float8_e4m3fn with one fp32 scale per tensor (amax / 448) and upcasts it to the compute dtype
 when the layer runs: weight memory about halves against fp16, at the price of e4m3's 3 mantissa
@@ -153,6 +160,8 @@ def prepare(net: nn.Module, *, dtype: torch.dtype | None = None, fp8: bool = Fal
         raise ValueError(f"channels_last must be True, False or 'auto'; got {channels_last!r}")
     if dtype is not None:
         net.to(dtype)
+        if hasattr(net, "compute_dtype"):  # weights and compute now in `dtype` (layers.ComputeDtype)
+            net.compute_dtype = dtype
     if fp8:
         store_fp8(net)
     if channels_last == "auto":

@@ -38,11 +38,15 @@ class FamilyLoader:
 
     load(source, device, dtype, ops, config) -> the model (dtype already resolved: never None);
     arch(header) -> "sd15" | "sd21" | "sdxl" from the header's shapes alone (for `inspect`), where
-    `header` maps names to meta tensors of the right shapes.
+    `header` maps names to meta tensors of the right shapes;
+    keeps_file_dtype: float tensors the file stores narrower than `dtype` are read as they are
+    (a Control-LoRA: its tensors are the inputs of a merge, kept as ComfyUI keeps them; the model
+    computes in `dtype`).
     """
 
     load: Callable[..., Any]
     arch: Callable[[StateDict, Detected], str]
+    keeps_file_dtype: bool = False
 
 
 def check_keys(model: Any, sd: StateDict, name: str, what: str) -> None:
