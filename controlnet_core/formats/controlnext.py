@@ -146,3 +146,47 @@ def unet_patch_kind(weights: Mapping[str, torch.Tensor], base: Mapping[str, torc
         to_base += float((f - b).pow(2).sum())
         to_zero += float(f.pow(2).sum())
     return "absolute" if to_base < to_zero else "delta"
+
+
+def read_unet_weights(path: str, name: str) -> dict[str, torch.Tensor]:
+    """A ControlNeXt UNet weights file as {LDM key: tensor}; any other file is refused in a sentence
+    from its header, before its tensors are read."""
+    from .files import read_state_dict
+
+    def check(header: Mapping) -> None:
+        keys = set(header)
+        if is_module(keys):
+            raise LoadError(
+                f"{name}: this is the ControlNeXt module (controlnet.safetensors), not its UNet weights; load it "
+                "with 'Load ControlNet (CNCore)' and apply it with 'Apply ControlNet (CNCore)'; this node takes the "
+                "unet.safetensors beside it"
+            )
+        if not is_unet_weights(keys):
+            some = ", ".join(sorted(keys)[:3])
+            raise LoadError(
+                f"{name}: is no ControlNeXt UNet weights file (those hold only attention out-projections, "
+                f"*.attn1/attn2.to_out.0.*); first keys: {some}"
+            )
+
+    sd, _ = read_state_dict(path, check=check)
+    return {to_ldm(k, name): v for k, v in sd.items()}
+
+
+def unet_patches(weights: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], name: str,
+                 model_name: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """(kind, {LDM key: increment}) for the base UNet `base` (LDM keys): the file's increments as
+    they are, or its absolute weights as W_file - W_base (fp32), so both apply as `W + strength * dW`
+    (strength 1: exactly the reference scripts' result). Keys or shapes the base lacks: a sentence."""
+    for k, w in weights.items():
+        b = base.get(k)
+        if b is None or tuple(b.shape) != tuple(w.shape):
+            got = "has no such weight" if b is None else f"has {tuple(b.shape)} there"
+            raise LoadError(
+                f"{name}: the ControlNeXt UNet weights are for another base model: {k} is {tuple(w.shape)} in the "
+                f"file but the model ({model_name}) {got}; use the unet.safetensors released with a ControlNeXt "
+                "for your checkpoint's family (SDXL or SD1.5)"
+            )
+    kind = unet_patch_kind(weights, base)
+    if kind == "delta":
+        return kind, dict(weights)
+    return kind, {k: w.float() - base[k].float().to(w.device) for k, w in weights.items()}
