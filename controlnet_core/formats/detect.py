@@ -50,9 +50,10 @@ def _other_family(keys: set[str]) -> Detected | None:
     """A recognised control family other than the classic ControlNet, else None."""
     has = keys.__contains__
     if controlnext.is_module(keys):
+        # the layout names the variant(s) for the loader's label: "ControlNeXt · SDXL · SDXL / SD1.5-v2 module"
         if controlnext.module_layout(keys) == controlnext.STEM:
-            return Detected(CONTROLNEXT, controlnext.STEM, "a ControlNeXt (SDXL / SD1.5-v2 module)")
-        return Detected(CONTROLNEXT, controlnext.SD15_V1, "a ControlNeXt (SD1.5-v1 module)")
+            return Detected(CONTROLNEXT, "SDXL / SD1.5-v2 module", "a ControlNeXt")
+        return Detected(CONTROLNEXT, "SD1.5-v1 module", "a ControlNeXt")
     if has("style_embedding"):  # before Union: the style adapter also has `transformer_layes`
         return Detected(OTHER, "", "a T2I-Adapter (style)")
     if has("after_proj_list.18.bias"):
