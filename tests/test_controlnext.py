@@ -455,3 +455,66 @@ def test_delta_or_absolute_is_told_by_what_the_file_is_closer_to():
     delta = {k: 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
     assert fmt.unet_patch_kind(delta, base) == "delta"
     assert fmt.unet_patch_kind({k: base[k] + delta[k] for k in base}, base) == "absolute"
+
+
+# ------------------------------------------------------------------------------------------
+# the host protocol's feature point
+
+def test_feature_blocks_are_checked_and_grouped():
+    from comfyui_controlnet_core.controlnet_core.host import control_dict
+
+    f, g = (lambda h: h), (lambda h: 2 * h)
+    d = control_dict({FEATURE: [(("input", 0), f), (("middle", 0), g), (("input", 0), g)]})
+    assert d[FEATURE] == {("input", 0): [f, g], ("middle", 0): [g]}
+    for bad in (("output", 1), ("middle", 1), ("input", -1), "input"):
+        with pytest.raises(InputError, match="feature"):
+            control_dict({FEATURE: [(bad, f)]})
+    cfg = make_tiny_config("sd15")
+    from comfyui_controlnet_core.controlnet_core.unet import UNet
+
+    inp = make_inputs(cfg, batch=1, size=SIZE)
+    with pytest.raises(InputError, match="input block 12, which this sd15 UNet"):
+        UNet(cfg).eval()(inp.x, inp.t, inp.context, control=control_dict({FEATURE: [(("input", 12), f)]}))
+
+
+def test_the_skip_kept_at_the_point_is_the_uncontrolled_feature():
+    """After input block i the skip is kept first, then the addition acts: a huge addition at
+    ("input", 11) (the deepest skip of SD1.5) reaches the middle block, but the skip the decoder reads
+    is the block's own output (checked with a hook on output block 0's input)."""
+    from comfyui_controlnet_core.controlnet_core.host import control_dict
+    from comfyui_controlnet_core.controlnet_core.unet import UNet
+
+    cfg = make_tiny_config("sd15")
+    unet = UNet(cfg).eval()
+    inp = make_inputs(cfg, batch=1, size=SIZE)
+    seen = {}
+    h_in = unet.input_blocks[11].register_forward_hook(lambda m, a, o: seen.__setitem__("skip", o.clone()))
+    h_out = unet.output_blocks[0][0].register_forward_pre_hook(lambda m, a: seen.__setitem__("cat", a[0].clone()))
+    try:
+        with torch.no_grad():
+            got = unet(inp.x, inp.t, inp.context, control=control_dict({FEATURE: [(("input", 11), lambda h: h + 100.0)]}))
+    finally:
+        h_in.remove()
+        h_out.remove()
+    width = seen["skip"].shape[1]
+    assert torch.equal(seen["cat"][:, -width:], seen["skip"])  # the decoder's skip: untouched
+    with torch.no_grad():
+        assert rel_err(got, unet(inp.x, inp.t, inp.context)) > 1e-2  # while the addition did act
+
+
+def test_comfyui_patches_act_at_their_block_only():
+    from comfyui_controlnet_core.nodes.control_object import FeaturePatches, add_feature_patches
+
+    h = torch.ones(1, 2, 2, 2)
+    p = FeaturePatches({("input", 3): [lambda x: x], ("middle", 0): [lambda x: 2 * x]})
+    assert torch.equal(p.after_skip(h, {"block": ("input", 3)}), 2 * h)
+    assert torch.equal(p.after_skip(h, {"block": ("input", 0)}), h)
+    out, skip = p.output_block(h, h, {"block": ("output", 0)})
+    assert torch.equal(out, 3 * h) and skip is h
+    out, _ = p.output_block(h, h, {"block": ("output", 1)})
+    assert out is h
+    shared = {"input_block_patch_after_skip": [len]}
+    options = {"patches": shared}
+    add_feature_patches(options, p.features, "x")
+    assert shared == {"input_block_patch_after_skip": [len]}  # ComfyUI's own dict is not changed
+    assert len(options["patches"]["input_block_patch_after_skip"]) == 2 and len(options["patches"]["output_block_patch"]) == 1
