@@ -68,7 +68,8 @@ import torch.nn.functional as F
 from .errors import ControlNetError, InputError
 from .hint import INTERPOLATIONS, RESIZE_MODES, check_choice, resize_hint, tile_to_batch, to_bchw
 from .host import (
-    ATTENTION, COND, FEATURE, SLOTS, AttnFn, FeatureFn, HostWeights, Outputs, PercentToSigma, ResidualDict, StepRequest, control_dict,
+    ATTENTION, COND, FEATURE, SLOTS, AttnFn, FeatureFn, HostWeights, Outputs, PercentToSigma, ResidualDict,
+    StepRequest, control_dict,
 )
 from .fast.runner import stack_residuals
 
@@ -102,7 +103,8 @@ class ControlModel(Protocol):
     context_dim, adm_channels: the text width and SDXL `y` width it reads (None: it reads none;
                   then hosts check `host_archs` instead of the exact widths);
     host_layout:  the UNet it adds to, as (model_channels, channel_mult, num_res_blocks): controls
-                  of one stack must agree on it;
+                  of one stack must agree on it; None for a model that fits several and checks the
+                  host's widths itself at `bind_host` (ControlNeXt);
     hint_size(h, w):  the pixel size (H, W) a hint is resized to for an h x w latent;
     embed_hint(hint): the part that does not depend on the step, from a (B, 3, H, W) hint in
                   [0, 1] (a tensor or a list of tensors whose dim 0 is the hint batch); computed
@@ -114,7 +116,9 @@ class ControlModel(Protocol):
                   `embedding` already matched to the batch's rows: residual tensors in the
                   `input`/`output`/`middle` slots and/or attention-input patches in `attention`,
                   `(AttnSite, fn)` pairs whose `fn(h, grid)` returns the term for the host's
-                  activation `h` (host.py); `fn` gets exactly the rows `x` had.
+                  activation `h` (host.py); and/or feature additions in `feature`, `(block, fn)`
+                  pairs whose `fn(h)` returns the term for the host's feature there (ControlNeXt);
+                  `fn` gets exactly the rows `x` had.
     Optional: `bind_host(host_weights)`, called at `pre_run` with the host UNet's weights: families
     built from them (Control-LoRA) build themselves, families that patch the host's attention
     (LLLite) check that its widths fit; with it, `bound_bytes` (what binding allocates, for a
@@ -138,7 +142,7 @@ class ControlModel(Protocol):
     host_archs: tuple[str, ...]
     context_dim: int | None
     adm_channels: int | None
-    host_layout: tuple
+    host_layout: tuple | None
     dtype: torch.dtype
 
     def hint_size(self, h: int, w: int) -> tuple[int, int]: ...
