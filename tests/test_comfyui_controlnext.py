@@ -339,3 +339,123 @@ def test_bad_controlnext_prompts_fail_with_a_sentence_and_the_next_prompt_runs(c
     assert pattern in err["exception_message"], err["exception_message"]
     assert "Traceback" not in err["exception_message"]
     run_latent(comfy, graph(case["family"], prefix="after_bad"))
+
+
+# ------------------------------------------------------------------------------------------
+# the UNet weights with ComfyUI's own ModelPatcher, in-process: --lowvram, LoRAs, unpatching
+
+LOWVRAM_SCRIPT = r'''
+import copy, importlib.util, json, sys
+import torch
+comfy_path, pack, folder = sys.argv[1:4]
+sys.path.insert(0, comfy_path)
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.model_patcher, comfy.ops, comfy.supported_models, comfy.model_detection, comfy.utils
+import folder_paths
+folder_paths.add_model_folder_path("controlnet", folder, is_default=True)
+spec = importlib.util.spec_from_file_location("cncore", pack + "/__init__.py", submodule_search_locations=[pack])
+module = importlib.util.module_from_spec(spec)
+sys.modules["cncore"] = module
+spec.loader.exec_module(module)
+from cncore.nodes import adapter
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+cpu = torch.device("cpu")
+SD15 = dict(image_size=32, in_channels=4, model_channels=32, num_res_blocks=[2, 2, 2, 2], transformer_depth=[1] * 6 + [0, 0],
+            channel_mult=[1, 2, 2, 2], transformer_depth_middle=1, use_linear_in_transformer=False, context_dim=768,
+            num_heads=8, use_spatial_transformer=True, legacy=False, adm_in_channels=None)
+torch.manual_seed(0)
+unet = UNetModel(out_channels=4, transformer_depth_output=[1] * 9 + [0] * 3, dtype=torch.float32, device="cpu",
+                 operations=comfy.ops.disable_weight_init, **SD15)
+with torch.no_grad():
+    for p in unet.parameters():
+        p.normal_(0, 0.05)
+sd = unet.state_dict()
+config = comfy.model_detection.detect_unet_config(sd, "")
+mc = comfy.supported_models.SD15(config)
+mc.set_inference_dtype(torch.float32, None)
+base = mc.get_model(dict(sd), "")
+base.load_model_weights(dict(sd), "")  # pops what it loads: a copy
+to_ldm = comfy.utils.unet_to_diffusers(config)
+g = torch.Generator().manual_seed(1)
+file = {}
+for dkey, lkey in sorted(to_ldm.items()):
+    if ".to_out.0." in dkey:
+        file[dkey] = sd[lkey] + 3.0 * sd[lkey].std() * torch.randn(sd[lkey].shape, generator=g)  # absolute (SD1.5)
+from safetensors.torch import save_file
+save_file({k: v.contiguous() for k, v in file.items()}, folder + "/unet.safetensors")
+lora_key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.weight"
+lora = torch.randn(sd[lora_key.removeprefix("diffusion_model.")].shape, generator=g) * 0.1
+
+x = torch.randn(2, 4, 8, 8, generator=g)
+t = torch.tensor([500.0, 500.0])
+ctx = torch.randn(2, 7, 768, generator=g)
+
+def run(p, lowvram):
+    p = p.clone()
+    if lowvram:
+        p.load(device_to=cpu, lowvram_model_memory=1)  # nothing fits: every module patched on the fly
+    else:
+        p.patch_model(device_to=cpu)
+    with torch.no_grad():
+        out = p.model.diffusion_model(x, t, ctx)
+    lowvram_modules = sum(len(getattr(m, "weight_function", [])) > 0 for m in p.model.modules())
+    p.unpatch_model(device_to=cpu)
+    return out, lowvram_modules
+
+def expected(strength, with_lora):
+    ref = copy.deepcopy(unet)
+    rsd = ref.state_dict()
+    with torch.no_grad():
+        for dkey, w in file.items():
+            k = to_ldm[dkey]
+            rsd[k].copy_(rsd[k] + strength * (w - rsd[k]))
+        if with_lora:
+            rsd[lora_key.removeprefix("diffusion_model.")].add_(lora)
+        return ref(x, t, ctx)
+
+with torch.inference_mode():
+    plain = comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+    before = {k: v.clone() for k, v in plain.model.diffusion_model.state_dict().items()}
+    ours = adapter.patch_controlnext_unet(plain, "unet.safetensors", 1.0)
+    half = adapter.patch_controlnext_unet(plain, "unet.safetensors", 0.5)
+    with_lora = ours.clone()
+    with_lora.add_patches({lora_key: (lora,)}, 1.0)  # a "diff" patch, as a LoRA's
+    rel = lambda a, b: float((a - b).norm() / b.norm())
+    report = {}
+    for name, p, want in (("full", ours, expected(1.0, False)), ("half", half, expected(0.5, False)),
+                          ("lora", with_lora, expected(1.0, True))):
+        for mode in (False, True):
+            out, low = run(p, mode)
+            report[f"{name}_{'lowvram' if mode else 'loaded'}"] = rel(out, want)
+            report["lowvram_modules"] = max(report.get("lowvram_modules", 0), low)
+    report["effect"] = rel(expected(1.0, False), unet(x, t, ctx))
+    after = plain.model.diffusion_model.state_dict()
+    report["unpatched_max_abs"] = max(float((after[k] - before[k]).abs().max()) for k in before)
+print(json.dumps(report))
+'''
+
+
+def test_unet_weights_with_lowvram_loras_and_unpatching_through_comfyuis_model_patcher(tmp_path):
+    """ComfyUI's ModelPatcher in-process: our patches on a loaded and on a --lowvram partially loaded
+    model (every module patched on the fly) give the model with the file's weights written in by hand
+    (strength 1 and 0.5, and with a LoRA-style diff on top), and unpatching restores every weight."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from helpers_comfyui import COMFYUI_PATH, COMFYUI_PYTHON
+
+    script = tmp_path / "lowvram.py"
+    script.write_text(LOWVRAM_SCRIPT)
+    out = subprocess.run([COMFYUI_PYTHON, str(script), COMFYUI_PATH, str(Path(__file__).resolve().parents[1]),
+                          str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"\n[controlnext UNet weights, ModelPatcher] {report}")
+    assert report["lowvram_modules"] > 10 and report["effect"] > 1e-2
+    for k, v in report.items():
+        if k.endswith(("_loaded", "_lowvram")):
+            assert v <= 1e-5, (k, v)
+    assert report["unpatched_max_abs"] == 0.0
