@@ -22,10 +22,9 @@ import os
 import time
 
 import pytest
-import safetensors.torch
 import torch
 
-from helpers_comfyui import NEEDS_COMFYUI, error, make_base, ok, run_in_comfyui, serve
+from helpers_comfyui import NEEDS_COMFYUI, error, make_base, run_in_comfyui, serve
 from test_comfyui_lllite import TEST_PACK_NAME, add_test_pack, rel, run_latent
 from test_controlnext import ref_module, save_module
 

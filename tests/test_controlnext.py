@@ -415,7 +415,6 @@ def test_the_unet_weights_file_in_the_controlnet_loader_is_named(tmp_path):
 def test_unet_weight_names_map_as_diffusers_converter_does():
     """Our diffusers -> LDM rule for to_out keys against diffusers' own LDM -> diffusers converter,
     on full-size SD1.5 and SDXL UNet key sets (meta tensors)."""
-    from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     from comfyui_controlnet_core.controlnet_core.config import SD15, SDXL
