@@ -1,9 +1,10 @@
 """ControlNeXt inside a real ComfyUI, over HTTP, on the CPU (runs only with COMFYUI_PATH).
 
 Hosts are built with ComfyUI's OWN classes (the test pack of tests/test_comfyui_lllite.py:
-`supported_models.SDXL/SD15`, `openaimodel.UNetModel`): a tiny SDXL-shaped UNet (SDXL's block
-numbering and `y`) and an SD1.5 UNet, full size when CNCORE_FULL_SIZE=1 (860 M parameters; about
-7 GB of RAM for writing it and ComfyUI's copy), else tiny with SD1.5's layout. Random weights.
+`supported_models.SDXL/SD15`, `openaimodel.UNetModel`): an SDXL-shaped UNet (SDXL's block numbering
+and `y`) and an SD1.5 UNet, tiny by default; with CNCORE_FULL_SIZE=1 both at full size (SD1.5 860 M
+parameters in fp32, SDXL 2.6 B stored in bf16, computed in fp32: ~11 GB of RAM at the peak; the
+stack test then skips, its ControlNet being tiny). Random weights.
 
 The reference is a second test pack written here (never shipped): the ControlNeXt module written
 out in F.conv2d / F.group_norm / F.linear from the authors' classes, and the injection as the
@@ -57,21 +58,26 @@ def to_out_file(unet, pattern, scale, absolute, path, seed):
     for dkey, lkey in sorted(to_ldm.items()):
         if pattern in dkey and ".to_out.0." in dkey:
             w = sd[lkey]
-            d = scale * w.std() * torch.randn(w.shape, generator=g)
-            out[dkey] = (w + d if absolute else d).half()
+            d = scale * w.float().std() * torch.randn(w.shape, generator=g)
+            out[dkey] = (w.float() + d if absolute else d).half()
     assert out, "no to_out keys"
     save(out, path)
 
-XL = dict(image_size=32, in_channels=4, model_channels=64, num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 1, 1, 2, 2],
-          channel_mult=[1, 2, 4], transformer_depth_middle=2, use_linear_in_transformer=True, context_dim=2048,
-          num_head_channels=64, use_spatial_transformer=True, legacy=False, adm_in_channels=2816, num_classes="sequential")
-XL_OUT = [0, 0, 0, 1, 1, 1, 2, 2, 2]
-xl = randomize(UNetModel(out_channels=4, transformer_depth_output=XL_OUT, dtype=torch.float32, device="cpu",
-                         operations=ops, **XL), 1)
+# SDXL: tiny (widths 64/128/256) or, full size, SDXL's own config stored in bf16 (5 GB; ComfyUI computes in fp32)
+depth, middle, XL_OUT = (([0, 0, 2, 2, 10, 10], 10, [0, 0, 0, 2, 2, 2, 10, 10, 10]) if full
+                         else ([0, 0, 1, 1, 2, 2], 2, [0, 0, 0, 1, 1, 1, 2, 2, 2]))
+XL = dict(image_size=32, in_channels=4, model_channels=320 if full else 64, num_res_blocks=[2, 2, 2],
+          transformer_depth=depth, channel_mult=[1, 2, 4], transformer_depth_middle=middle, use_linear_in_transformer=True,
+          context_dim=2048, num_head_channels=64, use_spatial_transformer=True, legacy=False, adm_in_channels=2816,
+          num_classes="sequential")
+xl = randomize(UNetModel(out_channels=4, transformer_depth_output=XL_OUT, dtype=torch.bfloat16 if full else torch.float32,
+                         device="cpu", operations=ops, **XL), 1)
 save(xl.state_dict(), dm + "/''' + XL_UNET + r'''")
 to_out_file(xl, "attn2", 0.3, False, cn_dir + "/''' + XL_DELTA + r'''", 5)
-save(randomize(ControlNet(hint_channels=3, dtype=torch.float32, device="cpu", operations=ops, **XL), 4).state_dict(),
-     cn_dir + "/''' + XL_CN + r'''")
+del xl
+if not full:  # the stack test's ControlNet (tiny host only)
+  save(randomize(ControlNet(hint_channels=3, dtype=torch.float32, device="cpu", operations=ops, **XL), 4).state_dict(),
+       cn_dir + "/''' + XL_CN + r'''")
 mc, mult = (320, [1, 2, 4, 4]) if full else (32, [1, 2, 2, 2])
 SD15 = dict(image_size=32, in_channels=4, model_channels=mc, num_res_blocks=[2, 2, 2, 2], transformer_depth=[1] * 6 + [0, 0],
             channel_mult=mult, transformer_depth_middle=1, use_linear_in_transformer=False, context_dim=768,
@@ -214,7 +220,7 @@ def comfy(tmp_path_factory):
     run_in_comfyui(base / "make_models.py", MAKE_MODELS, models / "diffusion_models", models / "controlnet",
                    "1" if FULL else "0", timeout=900)
     cn = models / "controlnet"
-    save_module(ref_module("stem", 64, seed=11), cn / XL_MODULE)
+    save_module(ref_module("stem", 320 if FULL else 64, seed=11), cn / XL_MODULE)
     save_module(ref_module("sd15-v1", 1280 if FULL else 64, seed=12), cn / V1_MODULE)
     save_module(ref_module("stem", 320 if FULL else 32, seed=13), cn / V2_MODULE)
     data = (cn / XL_MODULE).read_bytes()
@@ -316,6 +322,7 @@ def test_unet_weights_strength_follows_comfyuis_diff_patch(comfy):
     assert rel(ours, ref) <= 1e-4
 
 
+@pytest.mark.skipif(FULL, reason="the stack's ControlNet is written for the tiny SDXL host only")
 def test_controlnext_and_a_controlnet_in_one_stack(comfy):
     ours, _ = run_latent(comfy, graph("sdxl", ours=XL_MODULE, stack_cn=True, prefix="stack"))
     ref, _ = run_latent(comfy, graph("sdxl", ref=XL_MODULE, builtin_cn=True, prefix="stack_ref"))
