@@ -107,11 +107,34 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32, help="latent side (32 = 256 px)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "controlnext_cpu.md")
+    ap.add_argument("--flops-only", action="store_true", help="count FLOPs only (meta tensors, no RAM, no timing)")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = SD15 if args.arch == "sd15" else SDXL
     fl = flops(args.arch)
     print(f"FLOPs at {8 * CLAIM_SIZE[args.arch]} px: " + ", ".join(f"{k} {v:.1f} G" for k, v in fl.items()), flush=True)
+    if args.flops_only:
+        u = fl["unet (batch 2)"]
+        px = 8 * CLAIM_SIZE[args.arch]
+        text = "\n".join([
+            f"## {'SDXL' if args.arch == 'sdxl' else 'SD1.5'} host: FLOP ratios only (one step at {px} px, CFG batch 2)",
+            "",
+            f"`.venv/bin/python benchmarks/bench_controlnext.py --arch {args.arch} --flops-only` (meta tensors; not timed here)",
+            "",
+            f"| way | GFLOP | FLOP ratio vs no control |",
+            "|---|---|---|",
+            f"| no control | {u:.1f} | x1.000 |",
+            f"| ControlNeXt (module once per step) | {u + fl['ControlNeXt module, once']:.1f} | "
+            f"x{(u + fl['ControlNeXt module, once']) / u:.3f} |",
+            f"| ControlNeXt (module on both CFG rows) | {u + fl['ControlNeXt module, both rows']:.1f} | "
+            f"x{(u + fl['ControlNeXt module, both rows']) / u:.3f} |",
+            f"| ControlNet | {u + fl['ControlNet (batch 2)']:.1f} | x{(u + fl['ControlNet (batch 2)']) / u:.3f} |",
+            "",
+        ])
+        print(text)
+        old = args.out.read_text() if args.out.exists() else "# ControlNeXt per-step cost on the CPU\n\n"
+        args.out.write_text(old + ("\n" if not old.endswith("\n\n") else "") + text)
+        return
 
     print(f"building random {args.arch} models ...", flush=True)
     unet = random_(UNet(cfg), 1)
