@@ -517,3 +517,37 @@ def test_comfyui_patches_act_at_their_block_only():
     add_feature_patches(options, p.features, "x")
     assert shared == {"input_block_patch_after_skip": [len]}  # ComfyUI's own dict is not changed
     assert len(options["patches"]["input_block_patch_after_skip"]) == 2 and len(options["patches"]["output_block_patch"]) == 1
+
+
+def test_a_stack_with_an_lllite_adds_both_in_one_call():
+    """ControlNeXt (SDXL, after conv_in) + a ControlNet-LLLite (attention inputs) in one stack on an
+    SDXL-shaped UNet: the stack's dict carries both hooks, and the result equals running the UNet
+    with each control's hook (they act at different points, so order does not matter) added by hand."""
+    from test_lllite import CFG, lllite_state_dict
+    from comfyui_controlnet_core.controlnet_core.host import ATTENTION
+    from comfyui_controlnet_core.controlnet_core.unet import UNet
+
+    unet = UNet(CFG)
+    _randomize_(unet.named_parameters(), 5)
+    unet.eval()
+    lllite = loader.load_controlnet(lllite_state_dict(), name="tiny_lllite.safetensors")
+    cnx = loader.load_controlnet({k: v for k, v in ref_module("stem", CFG.model_channels, seed=6).state_dict().items()},
+                                 name="controlnext.safetensors")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    req = StepRequest(x, torch.full((2,), 5.0), torch.full((2,), 400.0), torch.randn(2, 5, CFG.context_dim, generator=g),
+                      torch.randn(2, 2816, generator=g), (0, 1))
+    hint = torch.rand(1, 3, 64, 64, generator=g)
+    a, b = Control(cnx, hint), Control(lllite, hint)
+    stack = ControlStack([a, b])
+    stack.pre_run(everything, unet.state_dict)
+    both = stack.residuals(req)
+    assert FEATURE in both and ATTENTION in both
+    ra, rb = a.residuals(req), b.residuals(req)
+    merged = {**rb, FEATURE: ra[FEATURE]}
+    with torch.no_grad():
+        got = unet(req.x, req.timesteps, req.context, req.y, control=both)
+        want = unet(req.x, req.timesteps, req.context, req.y, control=merged)
+        only = [unet(req.x, req.timesteps, req.context, req.y, control=r) for r in (a.residuals(req), b.residuals(req))]
+    assert torch.equal(got, want)
+    assert all(rel_err(got, o) > 1e-3 for o in only)
