@@ -353,13 +353,18 @@ def test_a_cfg_batch_with_one_hint_runs_the_module_once(case):
     variant, dm, ours, ref, net, cfg = case
     inp = make_inputs(cfg, batch=2, size=SIZE)
     inp.t = torch.tensor([500.0, 500.0])  # a CFG batch: cond and uncond rows at the same step
-    calls = []
-    handle = net.mid_convs[1].register_forward_hook(lambda m, a, o: calls.append(o.shape[0]))
+    calls, stem = [], []
+    handles = [net.mid_convs[1].register_forward_hook(lambda m, a, o: calls.append(o.shape[0]))]
+    if net.embedding is not None:
+        handles.append(net.embedding.register_forward_hook(lambda m, a, o: stem.append(o.shape[0])))
     try:
-        our_residuals(ours, net, torch.rand(1, 3, 8 * SIZE, 8 * SIZE), inp, rows=(0, 1))
+        control, _ = our_residuals(ours, net, torch.rand(1, 3, 8 * SIZE, 8 * SIZE), inp, rows=(0, 1))
+        control.residuals(StepRequest(inp.x, torch.full((2,), 4.0), inp.t - 100, inp.context, inp.y, (0, 1)))
     finally:
-        handle.remove()
-    assert calls == [1]
+        for h in handles:
+            h.remove()
+    assert calls == [1, 1]  # once per model call for both CFG rows
+    assert stem == ([] if net.embedding is None else [1])  # the stem (no t): once per run
 
 
 # ------------------------------------------------------------------------------------------
