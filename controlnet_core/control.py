@@ -33,6 +33,11 @@ the block's token grid (same area/bilinear rule) and flattened like the tokens. 
 output per UNet block an attention slot patches (all sites of a block share it), after the residual
 slots; for an LLLite that is input 4, 5, 7, 8, middle.
 
+Feature additions (`host.FEATURE`, ControlNeXt) are treated the same way: the term a deferred
+function returns for the host's feature is gated, computed on the selected rows only (the others get
+zero), pooled over H, W, scaled by `strength * weight` (one weight per feature block, counted after
+the attention blocks) and masked at the feature's size.
+
 Several controls add up: `ControlStack([a, b]).residuals(r)` is the sum of each control's residuals
 (ComfyUI's `control_merge`), and a control chained with `previous` (ComfyUI's
 `set_previous_controlnet`) is the stack of its chain. Attention patches of a stack are applied one
@@ -66,7 +71,8 @@ import torch.nn.functional as F
 from .errors import ControlNetError, InputError
 from .hint import INTERPOLATIONS, RESIZE_MODES, check_choice, resize_hint, tile_to_batch, to_bchw
 from .host import (
-    ATTENTION, COND, SLOTS, AttnFn, HostWeights, Outputs, PercentToSigma, ResidualDict, StepRequest, control_dict,
+    ATTENTION, COND, FEATURE, SLOTS, AttnFn, FeatureFn, HostWeights, Outputs, PercentToSigma, ResidualDict,
+    StepRequest, control_dict,
 )
 from .fast.runner import stack_residuals
 
@@ -100,7 +106,8 @@ class ControlModel(Protocol):
     context_dim, adm_channels: the text width and SDXL `y` width it reads (None: it reads none;
                   then hosts check `host_archs` instead of the exact widths);
     host_layout:  the UNet it adds to, as (model_channels, channel_mult, num_res_blocks): controls
-                  of one stack must agree on it;
+                  of one stack must agree on it; None for a model that fits several and checks the
+                  host's widths itself at `bind_host` (ControlNeXt);
     hint_size(h, w):  the pixel size (H, W) a hint is resized to for an h x w latent;
     embed_hint(hint): the part that does not depend on the step, from a (B, 3, H, W) hint in
                   [0, 1] (a tensor or a list of tensors whose dim 0 is the hint batch); computed
@@ -112,7 +119,9 @@ class ControlModel(Protocol):
                   `embedding` already matched to the batch's rows: residual tensors in the
                   `input`/`output`/`middle` slots and/or attention-input patches in `attention`,
                   `(AttnSite, fn)` pairs whose `fn(h, grid)` returns the term for the host's
-                  activation `h` (host.py); `fn` gets exactly the rows `x` had.
+                  activation `h` (host.py); and/or feature additions in `feature`, `(block, fn)`
+                  pairs whose `fn(h)` returns the term for the host's feature there (ControlNeXt);
+                  `fn` gets exactly the rows `x` had.
     Optional: `bind_host(host_weights)`, called at `pre_run` with the host UNet's weights: families
     built from them (Control-LoRA) build themselves, families that patch the host's attention
     (LLLite) check that its widths fit; with it, `bound_bytes` (what binding allocates, for a
@@ -136,7 +145,7 @@ class ControlModel(Protocol):
     host_archs: tuple[str, ...]
     context_dim: int | None
     adm_channels: int | None
-    host_layout: tuple
+    host_layout: tuple | None
     dtype: torch.dtype
 
     def hint_size(self, h: int, w: int) -> tuple[int, int]: ...
@@ -369,6 +378,28 @@ class Control:
 
         return term
 
+    def _feature_term(self, fn: FeatureFn, scale: float, rows: torch.Tensor | None, batch: int, chunks: int) -> FeatureFn:
+        """`fn` with this control's rows, pooling, scale and mask, for the host to call."""
+        s = self.settings
+
+        def term(h: torch.Tensor) -> torch.Tensor:
+            if h.shape[0] != batch:
+                raise InputError(
+                    f"the host's feature has batch {h.shape[0]}, the model call {batch}; the {self.net.family} "
+                    "cannot tell which rows are which"
+                )
+            d = fn(h if rows is None else h[rows])
+            if s.global_pool:
+                d = d.mean(dim=(2, 3), keepdim=True).expand_as(d)
+            d = d * scale
+            if rows is not None:
+                d = _scatter(d, rows, batch)
+            if self.mask is not None:
+                d = d * self._mask_at(d.shape[-2], d.shape[-1], d.device, d.dtype, batch, chunks)
+            return d
+
+        return term
+
     def _finish(self, r: torch.Tensor, scale: float, rows: torch.Tensor | None, batch: int, chunks: int) -> torch.Tensor:
         s = self.settings
         if s.global_pool:
@@ -430,7 +461,8 @@ class ControlStack:
                     flat.append(c)
         self.controls = flat
         common = set.intersection(*(set(c.net.host_archs) for c in flat)) if flat else set()
-        if len({_layout(c) for c in flat}) > 1 or (flat and not common):
+        # a layout of None: a model that fits several UNets and is fixed by the host at pre_run (ControlNeXt)
+        if len({_layout(c) for c in flat if c.net.host_layout is not None}) > 1 or (flat and not common):
             names = ", ".join(f"control {i + 1} is {_describe(c)}" for i, c in enumerate(flat))
             raise InputError(
                 f"controls of different architectures cannot be combined ({names}); use control models "
@@ -533,6 +565,12 @@ def _group_outputs(group: Sequence[Control], request: StepRequest) -> Outputs | 
         if tuple(site.block) not in block_weight:
             block_weight[tuple(site.block)] = next(scales)
         out[ATTENTION].append((site, lead._attention_term(fn, strength * block_weight[tuple(site.block)], rows, batch, chunks)))
+    feature_weight: dict[tuple, float] = {}  # feature additions: one weight per block
+    out[FEATURE] = []
+    for block, fn in raw.get(FEATURE, []):
+        if tuple(block) not in feature_weight:
+            feature_weight[tuple(block)] = next(scales)
+        out[FEATURE].append((block, lead._feature_term(fn, strength * feature_weight[tuple(block)], rows, batch, chunks)))
     return out
 
 
@@ -554,8 +592,10 @@ def with_control_type(net: ControlModel, control_type: str | int | None, name: s
 
 def add_outputs(a: Outputs, b: Outputs) -> Outputs:
     """Slot-wise, index-wise sum of two controls' outputs; None is a hole, a shorter list is padded.
-    Attention patches are kept in order (a's, then b's): the host applies them one after the other."""
-    out: Outputs = {ATTENTION: [*a.get(ATTENTION, []), *b.get(ATTENTION, [])]}
+    Attention patches and feature additions are kept in order (a's, then b's): the host applies them
+    one after the other."""
+    out: Outputs = {ATTENTION: [*a.get(ATTENTION, []), *b.get(ATTENTION, [])],
+                    FEATURE: [*a.get(FEATURE, []), *b.get(FEATURE, [])]}
     for slot in SLOTS:
         x, y = list(a.get(slot, [])), list(b.get(slot, []))
         n = max(len(x), len(y))
@@ -610,6 +650,8 @@ def _source(net: ControlModel) -> str:
 
 
 def _describe(c: Control) -> str:
+    if c.net.host_layout is None:
+        return f"{c.net.arch} ({c.net.family} for {' or '.join(c.net.host_archs)} UNets)"
     mc, mult, _ = c.net.host_layout
     return f"{c.net.arch} ({c.net.family} for a UNet of width {mc} x {list(mult)})"
 

@@ -41,6 +41,22 @@ in silence: the reference UNet refuses it, and LLLite checks the host's weights 
 The reference UNet (`unet.py`) implements the hook; ComfyUI's adapter registers the same functions
 as `attn1_patch` / `attn2_patch` for one model call (`nodes/control_object.py`).
 
+Feature additions, the hook for families that add at ONE point of the UNet a term that depends on
+the host's own activation there (`FEATURE`; ControlNeXt's cross normalisation needs the feature's
+mean and std). Such a family answers, in `Outputs["feature"]`, a list of `(block, fn)` where
+
+    block: ("input", i)   after input block i, AFTER its skip was kept: the term reaches the next
+                          block but not the skip the decoder reads (ComfyUI's
+                          `input_block_patch_after_skip` at `transformer_options["block"] == ("input", i)`);
+           ("middle", 0)  after the middle block and its `middle` residual, before the decoder
+                          (ComfyUI: `output_block_patch` at ("output", 0), on its first argument);
+    fn(h) -> term         h: (B, C, h, w) the feature there (residuals of that point already added);
+                          term: the same shape.
+
+Deferred like attention patches. In the dict, `control_dict` groups them per block:
+`{"feature": {block: [fn, ...]}}` (absent when none); the host applies the list in order, out of
+place, each to what the previous one left: `h = h + fn(h)`. A block the host lacks is an error.
+
 `pre_run` may also get `host_weights`, a callable returning the host UNet's state dict with LDM
 key names (`input_blocks.*`, ...) as it is now, LoRAs applied: families made of the host's own
 weights (Control-LoRA) are built from it at the start of every run.
@@ -64,9 +80,12 @@ HostWeights = Callable[[], Mapping[str, torch.Tensor]]
 
 SLOTS = ("input", "output", "middle")  # also the order in which outputs are counted for weights
 ATTENTION = "attention"  # the attention-input patch slot; counted after SLOTS, one weight per UNet block
+FEATURE = "feature"  # the feature-addition slot; counted after ATTENTION, one weight per block
 ATTN_PROJECTIONS = {"attn1": ("q", "k", "v"), "attn2": ("q",)}
 
 AttnFn = Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]  # (h (B, N, C), grid (th, tw)) -> term
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # h (B, C, h, w) -> term of the same shape
+FEATURE_KINDS = ("input", "middle")  # where a feature addition can act (see the module docstring)
 
 
 class AttnSite(NamedTuple):
@@ -163,7 +182,31 @@ def control_dict(outputs: Outputs) -> ResidualDict:
         patches.setdefault(site, []).append(fn)
     if patches:
         out[ATTENTION] = patches
+    features: dict[tuple[str, int], list[FeatureFn]] = {}
+    for block, fn in outputs.get(FEATURE, ()):
+        features.setdefault(check_feature_block(block), []).append(fn)
+    if features:
+        out[FEATURE] = features
     return out
+
+
+def check_feature_block(block: Any) -> tuple[str, int]:
+    """A feature-addition block as a tuple, or a sentence saying why it is none."""
+    try:
+        kind, number = block
+        number = int(number)
+    except (TypeError, ValueError):
+        raise InputError(f"{block!r} is no UNet block; a feature addition acts at ('input', i) or ('middle', 0)") from None
+    if kind not in FEATURE_KINDS or number < 0 or (kind == "middle" and number != 0):
+        raise InputError(f"{block!r} is no feature-addition point; use ('input', i) or ('middle', 0)")
+    return (kind, number)
+
+
+def apply_features(fns: list[FeatureFn] | None, h: torch.Tensor) -> torch.Tensor:
+    """What a host does at one feature point: each addition, out of place, on what the previous left."""
+    for fn in fns or ():
+        h = h + fn(h)
+    return h
 
 
 def apply_attention(patches: list[AttnFn], h: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

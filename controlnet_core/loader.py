@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from . import control_lora, lllite, t2i_adapter, union
+from . import control_lora, controlnext, lllite, t2i_adapter, union
 from . import model as classic
 from .errors import LoadError, UnsupportedFamilyError
 from .formats import detect
@@ -199,6 +199,7 @@ FAMILY_LOADERS: dict[str, FamilyLoader] = {
     detect.CONTROL_LORA: FamilyLoader(control_lora.load, control_lora.arch, keeps_file_dtype=True),
     detect.UNION: FamilyLoader(union.load, union.arch),
     detect.LLLITE: FamilyLoader(lllite.load, lllite.arch),
+    detect.CONTROLNEXT: FamilyLoader(controlnext.load, controlnext.arch),
 }
 
 

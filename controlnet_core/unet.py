@@ -15,7 +15,9 @@ must hand fresh lists every call (`host.unet_control` does). `control["attention
 attention-input patches, `{AttnSite: [fn, ...]}`) is applied inside the transformer blocks: the site
 `(("input", 4), 0, "attn1", "q")` is the input of `input_blocks.4.1.transformer_blocks.0.attn1.to_q`,
 exactly where ComfyUI calls `attn1_patch` with `block=("input", 4)`, `block_index=0`. A site this UNet
-does not have is an error, not a silent no-op. A dict may also carry `"sync"`: a
+does not have is an error, not a silent no-op. `control["feature"]` (host.py's feature additions,
+`{block: [fn, ...]}`) acts after input block i once its skip is kept, or after the middle block and
+its residual, as ComfyUI's `input_block_patch_after_skip` / `output_block_patch` ("output", 0) do. A dict may also carry `"sync"`: a
 callable run once just before the first residual is consumed, so a host-side fast path can compute
 the residuals on a side stream while the encoder runs (see `fast/`).
 """
@@ -29,7 +31,7 @@ from torch import nn
 
 from .config import ControlNetConfig
 from .errors import InputError
-from .host import ATTENTION, AttnFn, AttnSite, apply_attention
+from .host import ATTENTION, FEATURE, AttnFn, AttnSite, FeatureFn, apply_attention, apply_features
 from .layers import (
     DEFAULT_OPS, AttnPatch, ResBlock, SpatialTransformer, TimestepSequential, Upsample, build_encoder,
     build_time_embedding, timestep_embedding,
@@ -108,6 +110,7 @@ class UNet(nn.Module):
         context = context.to(dtype)
         sync: Callable[[], None] | None = control.get("sync") if control is not None else None
         attention = self._group_sites(control.get(ATTENTION) if control is not None else None)
+        features = self._check_features(control.get(FEATURE) if control is not None else None)
 
         h = x.to(dtype)
         skips = []
@@ -115,10 +118,12 @@ class UNet(nn.Module):
             h = block(h, emb, context, _block_patch(attention, ("input", i)))
             h = _apply(h, control, "input")
             skips.append(h)
+            h = apply_features(features.get(("input", i)), h)
         h = self.middle_block(h, emb, context, _block_patch(attention, ("middle", 0)))
         if sync is not None:
             sync()
         h = _apply(h, control, "middle")
+        h = apply_features(features.get(("middle", 0)), h)
         for i, block in enumerate(self.output_blocks):
             skip = _apply(skips.pop(), control, "output")
             h = torch.cat([h, skip], dim=1)
@@ -161,6 +166,20 @@ class UNet(nn.Module):
                 )
             grouped.setdefault(block, {})[(site.index, site.attn, site.proj)] = fns
         return grouped
+
+
+    def _check_features(self, features: dict[tuple[str, int], list[FeatureFn]] | None) -> dict:
+        """The feature additions, each at a block this UNet has."""
+        if not features:
+            return {}
+        for kind, number in features:
+            if kind == "input" and number >= len(self.input_blocks):
+                raise InputError(
+                    f"a feature addition is meant for input block {number}, which this {self.config.arch} UNet "
+                    f"(with {len(self.input_blocks)} input blocks) does not have; the control was made for another "
+                    "base model"
+                )
+        return features
 
 
 _Grouped = dict[tuple[str, int], dict[tuple[int, str, str], list[AttnFn]]]

@@ -7,6 +7,8 @@ always inside functions, so `import comfyui_controlnet_core` works without Comfy
                         held by a `ModelPatcher`, so ComfyUI loads/offloads them with the UNet,
                         counts their memory and can load them partially (--lowvram).
 * `apply_control(...)`  what CNCore_ApplyControlNet does (see its docstring).
+* `patch_controlnext_unet(model, name, strength)`  CNCore_LoadControlNeXtUNet: a ControlNeXt's UNet
+                        weights as ModelPatcher weight patches on a clone of the MODEL.
 * for the front end (`routes.py`): `model_info(name)` (the loader's label, from the file header),
   `resolve_image_path(...)` (an image in ComfyUI's input/output/temp folders, as /view reads it),
   `remember_input` / `last_input` (the Preprocessor's input of the last run, for the preview), and
@@ -543,8 +545,42 @@ def stack_entry(control_net: Any, image: Any, strength: float, start_percent: fl
                       control_type)
 
 
+def patch_controlnext_unet(model: Any, name: str, strength: float) -> Any:
+    """A clone of `model` with a ControlNeXt UNet weights file applied as ComfyUI weight patches
+    ("diff": W + strength * dW, for increments and for absolute weights taken as W_file - W_base), so
+    ComfyUI patches and unpatches them like a LoRA's: with --lowvram, next to LoRAs (applied in the order
+    the nodes run), and a MODEL without the node is untouched."""
+    from ..controlnet_core.formats import controlnext as cnx
+
+    if model is None or not hasattr(model, "add_patches"):
+        raise InputError("connect a MODEL (from a checkpoint loader) to model")
+    path = resolve_model_path(name)
+    weights = cnx.read_unet_weights(path, name)
+    unet = model.model.diffusion_model
+    sd = unet.state_dict()
+    base = {}
+    for k in weights:  # the unpatched weight where the model is loaded with patches applied
+        bk = model.backup.get("diffusion_model." + k) if hasattr(model, "backup") else None
+        base[k] = bk.weight if bk is not None else sd.get(k)
+    base = {k: v for k, v in base.items() if v is not None}
+    _, _, model_name = _model_family(model)
+    kind, deltas = cnx.unet_patches(weights, base, name, model_name)
+    patched = model.clone()
+    added = patched.add_patches({"diffusion_model." + k: ("diff", (d,)) for k, d in deltas.items()}, float(strength))
+    log.info("CNCore: ControlNeXt UNet weights %s: %d tensors (%s), strength %g", name, len(added),
+             "increments" if kind == "delta" else "replacements, applied as their difference to the model", strength)
+    return patched
+
+
+def _model_family(model: Any) -> tuple:
+    from .control_object import model_family
+
+    return model_family(model.model)
+
+
 __all__ = [
     "NetHolder", "apply_control", "check_conditioning", "check_model_name", "control_class", "controlnet_names",
-    "file_signature", "is_core_control", "last_input", "load_control", "model_info", "progress_reporter",
+    "file_signature", "is_core_control", "last_input", "load_control", "model_info", "patch_controlnext_unet",
+    "progress_reporter",
     "remember_input", "resolve_image_path", "resolve_model_path", "stack_entry",
 ]

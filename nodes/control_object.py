@@ -33,6 +33,13 @@ inputs of the projections, `(n, context_attn1, value_attn1, extra_options)` for 
 `(n, context, value)` for cross-attention; `extra_options["block"]` and `["block_index"]` name the
 site. The options die with the call, so nothing can leak into the next step or prompt, even when a
 run fails.
+
+Feature additions (ControlNeXt; `host.FEATURE`) go the same way, as two more per-call patches:
+`input_block_patch_after_skip` (ComfyUI calls it after each input block, once the skip is kept, with
+`transformer_options["block"] == ("input", i)`) for the ("input", i) points, and `output_block_patch`
+at ("output", 0) on its first argument `h` (the middle block's output with the `middle` residual
+added; ComfyUI has no middle-block patch) for the ("middle", 0) point. Both return new tensors, so
+the skip the decoder reads stays untouched.
 """
 
 from __future__ import annotations
@@ -46,7 +53,9 @@ import torch
 from ..controlnet_core import fast
 from ..controlnet_core.control import Control, ControlSettings, ControlStack, with_control_type
 from ..controlnet_core.errors import ControlNetError, InputError
-from ..controlnet_core.host import ATTENTION, COND, AttnFn, AttnSite, StepRequest, apply_attention
+from ..controlnet_core.host import (
+    ATTENTION, COND, FEATURE, AttnFn, AttnSite, FeatureFn, StepRequest, apply_attention, apply_features,
+)
 
 DEFAULT_MODE = "balanced"
 DEFAULT_RESIZE = "crop"
@@ -235,6 +244,39 @@ def add_attention_patches(transformer_options: dict | None, patches: dict, name:
     transformer_options["patches"] = new
 
 
+class FeaturePatches:
+    """Feature additions in ComfyUI's `input_block_patch_after_skip` / `output_block_patch` form."""
+
+    def __init__(self, features: dict[tuple[str, int], list[FeatureFn]]):
+        self.features = features
+
+    def after_skip(self, h, transformer_options):
+        block = transformer_options.get("block")
+        return h if block is None else apply_features(self.features.get(tuple(block)), h)
+
+    def output_block(self, h, hsp, transformer_options):
+        if tuple(transformer_options.get("block") or ()) == ("output", 0):
+            h = apply_features(self.features.get(("middle", 0)), h)
+        return h, hsp
+
+
+def add_feature_patches(transformer_options: dict | None, features: dict, name: str) -> None:
+    """Register feature additions for this model call only (module docstring)."""
+    if transformer_options is None:
+        raise ControlNetError(
+            f"{name!r} adds to a UNet feature, but this ComfyUI passes no transformer_options to control objects; "
+            "update ComfyUI"
+        )
+    p = FeaturePatches(features)
+    old = transformer_options.get("patches") or {}
+    new = dict(old)
+    if any(kind == "input" for kind, _ in features):
+        new["input_block_patch_after_skip"] = [*old.get("input_block_patch_after_skip", []), p.after_skip]
+    if ("middle", 0) in features:
+        new["output_block_patch"] = [*old.get("output_block_patch", []), p.output_block]
+    transformer_options["patches"] = new
+
+
 def model_family(model: Any) -> tuple[int | None, int | None, str]:
     """(context width, adm width, display name) of the model being sampled (ComfyUI BaseModel)."""
     cfg = getattr(getattr(model, "model_config", None), "unet_config", None) or {}
@@ -391,8 +433,11 @@ class CoreControlMixin:
         if self.previous_controlnet is not None:
             prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
         own = self.cncore_residuals(x_noisy, t, cond, batched_number, transformer_options)
-        if own is not None and ATTENTION in own:
-            add_attention_patches(transformer_options, own.pop(ATTENTION), self.handle.name)
+        if own is not None and (ATTENTION in own or FEATURE in own):
+            if ATTENTION in own:
+                add_attention_patches(transformer_options, own.pop(ATTENTION), self.handle.name)
+            if FEATURE in own:
+                add_feature_patches(transformer_options, own.pop(FEATURE), self.handle.name)
             if not any(own[k] for k in ("input", "middle", "output")):
                 own = None
         return merge_residuals(own, prev)

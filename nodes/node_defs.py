@@ -1,4 +1,4 @@
-"""The four ComfyUI nodes (V1 node API). Node ids are a public API: never rename them, and only
+"""The ComfyUI nodes (V1 node API). Node ids are a public API: never rename them, and only
 append widgets (saved workflows store widget values by position)."""
 
 from __future__ import annotations
@@ -264,15 +264,54 @@ class CombineControls:
         return (tuple(control_stack or ()) + (entry,),)
 
 
+class LoadControlNeXtUNet:
+    """Apply the UNet half of a ControlNeXt (its fine-tuned attention out-projections) to a MODEL."""
+
+    DESCRIPTION = (
+        "ControlNeXt ships two files: the module (load it with Load ControlNet (CNCore), apply it with Apply "
+        "ControlNet (CNCore)) and unet.safetensors, the base UNet's fine-tuned attention outputs. This node applies "
+        "the second to the MODEL as ComfyUI weight patches: they unpatch cleanly, stack with LoRAs and work with "
+        "--lowvram."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The SDXL or SD1.5 model the ControlNeXt was made for."}),
+            "weights_name": (adapter.controlnet_names(), {
+                "tooltip": "The ControlNeXt's unet.safetensors, in ComfyUI's models/controlnet folder."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": MAX_STRENGTH, "step": 0.01,
+                                   "tooltip": "How much of the weight change to apply; 1 is the authors' model, 0 "
+                                              "leaves the model as it is."}),
+        }}
+
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with the ControlNeXt's UNet weights (the input model is not changed).",)
+    FUNCTION = "patch"
+    CATEGORY = CATEGORY
+
+    def patch(self, model: Any, weights_name: str, strength: float) -> tuple[Any]:
+        return (adapter.patch_controlnext_unet(model, weights_name, strength),)
+
+    @classmethod
+    def IS_CHANGED(cls, weights_name: str = "", **_: Any) -> str:
+        # ComfyUI passes only widget values here (not the linked MODEL): the file's signature makes a
+        # file replaced under the same name load anew; other inputs are in ComfyUI's own cache key
+        return adapter.file_signature(weights_name)
+
+
 NODE_CLASS_MAPPINGS = {
     "CNCore_LoadControlNet": LoadControlNet,
     "CNCore_Preprocessor": Preprocessor,
     "CNCore_ApplyControlNet": ApplyControlNet,
     "CNCore_CombineControls": CombineControls,
+    "CNCore_LoadControlNeXtUNet": LoadControlNeXtUNet,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "CNCore_LoadControlNet": "Load ControlNet (CNCore)",
     "CNCore_Preprocessor": "ControlNet Preprocessor (CNCore)",
     "CNCore_ApplyControlNet": "Apply ControlNet (CNCore)",
     "CNCore_CombineControls": "Combine ControlNets (CNCore)",
+    "CNCore_LoadControlNeXtUNet": "Load ControlNeXt UNet Weights (CNCore)",
 }

@@ -73,6 +73,7 @@ MODEL_FILES = {
     "controllllite_v01032064e_sdxl_canny.safetensors": ("lllite", "ControlNet-LLLite · SDXL"),
     "controlnet-union-sdxl-1.0-promax.safetensors": (
         "union", "ControlNet Union / ProMax (xinsir) · SDXL · diffusers"),
+    "ControlAny-SDXL/anime_canny/controlnet.safetensors": ("controlnext", "ControlNeXt · SDXL · SDXL / SD1.5-v2 module"),
 }
 
 
@@ -103,6 +104,10 @@ def write_model_file(name: str, path: Path) -> None:
         from test_lllite import lllite_state_dict
 
         safetensors.torch.save_file(lllite_state_dict(), str(path))
+    elif family == "controlnext":  # the authors' module layout (52 tensors), full size: 14 MB
+        from test_controlnext import ref_module, save_module
+
+        save_module(ref_module("stem", 320, seed=1), path)
     elif family == "union":  # xinsir's ProMax file: diffusers' ControlNetUnionModel weights, 8 types
         from test_union import random_union
 
@@ -154,7 +159,18 @@ def page_report(tmp_path_factory):
     write_example_image(base / "input" / "example.png")
     (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
     for name in loader_files():  # a small random file of each loader's family under the workflows' names
+        (base / "models" / "controlnet" / name).parent.mkdir(parents=True, exist_ok=True)
         write_model_file(name, base / "models" / "controlnet" / name)
+    for p in tw.UI_FILES:  # ControlNeXt UNet weights: a small file of attention out-projections
+        for n in tw.load_pair(p)[1].values():
+            if n["class_type"] == "CNCore_LoadControlNeXtUNet":
+                import safetensors.torch
+                import torch
+
+                path = base / "models" / "controlnet" / n["inputs"]["weights_name"]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                key = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0"
+                safetensors.torch.save_file({key + ".weight": torch.zeros(8, 8), key + ".bias": torch.zeros(8)}, str(path))
     for p in tw.UI_FILES:  # the checkpoints are only listed (nothing is queued): empty files do
         for n in tw.load_pair(p)[1].values():
             if n["class_type"] == "CheckpointLoaderSimple":

@@ -107,7 +107,7 @@ BUILTIN_SPECS: dict[str, dict] = {
     },
 }
 
-FILE_INPUTS = {("CNCore_LoadControlNet", "control_net_name")}
+FILE_INPUTS = {("CNCore_LoadControlNet", "control_net_name"), ("CNCore_LoadControlNeXtUNet", "weights_name")}
 
 TITLE_H = 30                # LiteGraph.NODE_TITLE_HEIGHT
 MIN_SCALE = 0.6             # text is drawn from 8 px / 14 px = 0.57 (LiteGraph.Canvas.MinFontSizeForLOD = 8)
@@ -484,6 +484,11 @@ def test_workflows_show_what_their_names_promise():
     sched = api("ControlNet - Start and End Percent (SD1.5).json")
     apply = [n for n in sched.values() if n["class_type"] == "CNCore_ApplyControlNet"][0]
     assert (apply["inputs"]["start_percent"], apply["inputs"]["end_percent"]) != (0.0, 1.0)
+    cnx = api("ControlNeXt - Canny (SDXL).json")  # both halves of a released ControlNeXt
+    unet = [k for k, n in cnx.items() if n["class_type"] == "CNCore_LoadControlNeXtUNet"]
+    sampler = [n for n in cnx.values() if n["class_type"] == "KSampler"][0]
+    assert len(unet) == 1 and sampler["inputs"]["model"] == [unet[0], 0]
+    assert cnx[unet[0]]["inputs"]["weights_name"].endswith("/unet.safetensors")
 
 
 def _canny_pair():

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..errors import LoadError
+from . import controlnext
 
 ORIGINAL_PREFIX = "control_model."
 
@@ -25,6 +26,7 @@ T2I_ADAPTER = "t2i-adapter"
 CONTROL_LORA = "control-lora"
 UNION = "controlnet-union"
 LLLITE = "controlnet-lllite"
+CONTROLNEXT = "controlnext"
 OTHER = "other"  # recognised, named, not run by this pack (Flux, SD3, style adapters, ...)
 
 # ControlNet layouts (`Detected.layout` of the controlnet family).
@@ -47,6 +49,11 @@ def _any(keys: Iterable[str], pred) -> bool:
 def _other_family(keys: set[str]) -> Detected | None:
     """A recognised control family other than the classic ControlNet, else None."""
     has = keys.__contains__
+    if controlnext.is_module(keys):
+        # the layout names the variant(s) for the loader's label: "ControlNeXt · SDXL · SDXL / SD1.5-v2 module"
+        if controlnext.module_layout(keys) == controlnext.STEM:
+            return Detected(CONTROLNEXT, "SDXL / SD1.5-v2 module", "a ControlNeXt")
+        return Detected(CONTROLNEXT, "SD1.5-v1 module", "a ControlNeXt")
     if has("style_embedding"):  # before Union: the style adapter also has `transformer_layes`
         return Detected(OTHER, "", "a T2I-Adapter (style)")
     if has("after_proj_list.18.bias"):
@@ -94,6 +101,10 @@ def _other_family(keys: set[str]) -> Detected | None:
 
 def _not_a_controlnet(keys: set[str]) -> str | None:
     """What a non-ControlNet file is, if it looks like something well known."""
+    if controlnext.is_unet_weights(keys):
+        return ("the UNet-weights half of a ControlNeXt (attention out-projections only), not a control model; "
+                "load it with 'Load ControlNeXt UNet Weights (CNCore)' on your MODEL, and the module file beside "
+                "it (controlnet.safetensors) with this loader")
     if _any(keys, lambda k: k.startswith("model.diffusion_model.")):
         return "a full Stable Diffusion checkpoint (UNet + VAE + text encoder), not a ControlNet; load it with a checkpoint loader"
     if _any(keys, lambda k: ("lora_up" in k or "lora_down" in k or "lora_A" in k or "lora_B" in k
