@@ -527,3 +527,15 @@ register(Method(
     weights=Weights(("mlsd_large_512_fp32.pth",), "https://huggingface.co/lllyasviel/Annotators"),
     weights_doc="mlsd_large_512_fp32.pth from huggingface.co/lllyasviel/Annotators",
 ))
+
+register(Method(
+    name="normal_bae",
+    fn=_net("normal_bae", "normal_map"),
+    params=(),
+    feeds="control_v11p_sd15_normalbae, union (normal)",
+    doc="NormalBAE surface normals (RGB = x, y, z mapped from [-1, 1]) as comfyui_controlnet_aux's "
+        "BAE-NormalMapPreprocessor (the image at `resolution`, padded to a multiple of 64).",
+    load_weights=_net("normal_bae", "load"),
+    weights=Weights(("scannet.pt",), "https://huggingface.co/lllyasviel/Annotators"),
+    weights_doc="scannet.pt from huggingface.co/lllyasviel/Annotators",
+))
