@@ -78,6 +78,10 @@ class LoadControlNet:
         return adapter.file_signature(control_net_name)
 
 
+# How many of preprocessors.PARAMS the 0.1.0 Preprocessor node had (low_threshold .. seed): required widgets.
+RELEASED_PARAMS = 14
+
+
 def _param_widget(p: Any) -> tuple:
     opts: dict[str, Any] = {"default": p.default}
     if p.tooltip:
@@ -122,15 +126,16 @@ class Preprocessor:
                                           "tooltip": "Pick the resolution from the generated image's size (connect "
                                                      "the latent) instead of the resolution widget."}),
         }
-        for p in pp.PARAMS:
-            required[p.name] = _param_widget(p)
-        return {
-            "required": required,
-            "optional": {
-                "mask": ("MASK", {"tooltip": "For the inpaint method: the area to repaint."}),
-                "latent": ("LATENT", {"tooltip": "The latent you generate (for pixel_perfect)."}),
-            },
+        optional: dict[str, Any] = {
+            "mask": ("MASK", {"tooltip": "For the inpaint method: the area to repaint."}),
+            "latent": ("LATENT", {"tooltip": "The latent you generate (for pixel_perfect)."}),
         }
+        for i, p in enumerate(pp.PARAMS):
+            # Parameters appended after 0.1.0 are optional inputs: an API prompt saved before they
+            # existed lacks them, and ComfyUI refuses a prompt without a required input (the method
+            # then gets the parameter's default). In the UI they are widgets after the released ones.
+            (required if i < RELEASED_PARAMS else optional)[p.name] = _param_widget(p)
+        return {"required": required, "optional": optional}
 
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("hint",)
@@ -138,8 +143,24 @@ class Preprocessor:
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
+    @classmethod
+    def IS_CHANGED(cls, method: Any = None, **params: Any) -> str:
+        # A network method's weights file replaced (or added) under the same name makes the node run
+        # anew: its path, size and time are part of the key. Weight-free methods: inputs alone.
+        from .. import preprocessors as pp
+
+        try:
+            if pp.get_method(method).load_weights is None:
+                return ""
+            adapter.setup_annotators()
+            path = pp.weights_file(method, params)
+            st = path.stat()
+        except (pp.PreprocessorError, OSError):
+            return "missing"  # the run itself says what is wrong
+        return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+
     def run(self, image: torch.Tensor, method: str, resolution: int, pixel_perfect: bool,
-            mask: torch.Tensor | None = None, latent: dict | None = None, **params: Any) -> tuple[torch.Tensor]:
+            mask: torch.Tensor | None = None, latent: dict | None = None, **params: Any) -> tuple | dict:
         from .. import preprocessors as pp
 
         target = None
@@ -156,11 +177,20 @@ class Preprocessor:
         frames = image.detach().cpu().float().numpy()
         mask_np = None if mask is None else mask.detach().cpu().float().numpy()
         adapter.remember_input(frames, mask_np, target)  # for the front end's preview of later edits
+        weights = None
+        if pp.get_method(method).load_weights is not None:  # a network: found by name, said which file
+            adapter.setup_annotators()
+            weights = pp.weights_file(method, params)
         out = pp.run(
             method, frames, resolution=resolution, pixel_perfect=pixel_perfect, target_hw=target, mask=mask_np,
-            progress=adapter.progress_reporter(image.shape[0]) if image.shape[0] > 1 else None, **params,
+            progress=adapter.progress_reporter(image.shape[0]) if image.shape[0] > 1 else None,
+            weights_path=weights, **params,
         )
-        return (torch.from_numpy(out).to(image.device),)
+        hint = torch.from_numpy(out).to(image.device)
+        if weights is None:
+            return (hint,)
+        # The UI part shows under the node which weights file made the hint (web/preprocessor.js).
+        return {"ui": {"cncore_weights": [str(weights)]}, "result": (hint,)}
 
 
 class ApplyControlNet:

@@ -21,19 +21,36 @@ size (area / bilinear), so hints look alike whatever the input size. `pixel_perf
 the target (ComfyUI's crop fit), has the target's pixel size. Pixel-wise methods (threshold,
 invert, grayscale, inpaint: `Method.native_size`) ignore both and work at the input size, exactly.
 
-Methods that need weights (a later addition; none today)
--------------------------------------------------------
-This package never downloads anything. A method that needs a model sets `Method.load_weights`, a
-function `Path -> model` (it may import torch or onnxruntime *inside* itself, so importing this
-package stays numpy-only), and documents in `Method.weights_doc` which file the user must fetch
-themselves. `run(..., weights_path=...)` then loads the file once (cached by path, size and mtime)
-and calls `fn(frame, model=model, **params)`; without `weights_path`, or with a missing file, it
-raises a PreprocessorError that quotes `weights_doc`. New methods are added with `register(...)`.
+Methods that need weights (network annotators: preprocessors/nets/)
+-------------------------------------------------------------------
+This package never downloads anything. A method that needs a model sets:
+
+* `Method.load_weights`: `Path -> model`, the network built from that file (it imports torch
+  *inside* itself, so importing this package stays numpy-only). A torch `nn.Module` it returns is
+  handed to the host (`nets.host`: ComfyUI's model management inside ComfyUI, so the net runs on
+  the GPU when there is one and is offloaded like other models; the CPU elsewhere) and reaches `fn`
+  as a `nets.Net` (`net.module`, `net.device()` loads it and says where it runs).
+* `Method.weights`: the default file(s), so the node needs no path widget: a `Weights(files=(...),
+  source=...)` (accepted file names, preferred first, and the public repository they come from), or
+  a function `params -> Weights` when the file depends on a parameter (e.g. the model size). `run`
+  looks the file up by name with `nets.find_weights` (ComfyUI's models/annotators, Aux's ckpts,
+  models/depthanything, subfolders included; see nets/files.py); a missing file is a sentence
+  naming the file, its source and the folder to put it in. `weights_path=` overrides the search.
+* `Method.weights_doc`: one line for the README / tooltips: which file(s) and where they come from.
+
+The model is built once per file and loader (cached by path, size and mtime: a replaced file is
+built anew, the stale one dropped) and shared by every method with the same `load_weights`.
+`fn(frame, model=model, **params)` is then called; frames of a network method run one after another
+(the network uses the threads / the GPU itself). `weights_file(method, params)` says which file a
+method would use (the node and the preview show it). New methods are APPENDED with `register(...)`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +72,15 @@ from .image import (
 )
 
 KINDS = ("int", "float", "bool", "choice")
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The default weights file of a network method: accepted file names (preferred first; the first
+    one found anywhere wins) and the public repository they come from (named when none is found)."""
+
+    files: tuple[str, ...]
+    source: str
 
 
 @dataclass(frozen=True)
@@ -127,6 +153,16 @@ PARAMS: tuple[Param, ...] = (
     Param("grid", "int", 8, 1, 512, 1,
           tooltip="color_grid, shuffle: number of cells along the short side"),
     Param("seed", "int", 0, 0, 2**32 - 1, 1, tooltip="shuffle: random seed (same seed, same shuffle)"),
+    Param("depth_model", "choice", "v2_vitl",
+          choices=("v2_vitl", "v2_vitb", "v2_vits", "v2_vitg", "v1_vitl", "v1_vitb", "v1_vits"),
+          tooltip="depth_anything_v2: which Depth Anything file: v2_vitl = depth_anything_v2_vitl.pth (Large, "
+                  "best, 1.3 GB), v2_vitb (Base, 390 MB), v2_vits (Small, 99 MB), v2_vitg (Giant); v1_* = "
+                  "Depth Anything V1 (depth_anything_vitl14.pth ...). ComfyUI-DepthAnythingV2's .safetensors "
+                  "work too"),
+    Param("score_threshold", "float", 0.1, 0.01, 2.0, 0.01,
+          tooltip="mlsd: a line's centre must score above this (0-1; lower finds more, fainter lines)"),
+    Param("dist_threshold", "float", 0.1, 0.01, 20.0, 0.01,
+          tooltip="mlsd: shortest segment kept, in pixels at half the working resolution"),
 )
 _PARAM_BY_NAME = {p.name: p for p in PARAMS}
 
@@ -141,7 +177,7 @@ class Method:
     params: the names (from PARAMS) passed to fn as keywords.
     feeds: the public ControlNet(s) the hint is for.
     native_size: works at the input size (pixel-wise); `resolution` / `pixel_perfect` are ignored.
-    load_weights / weights_doc: see the module docstring; None for methods that need no weights.
+    load_weights / weights_doc / weights: see the module docstring; None for methods without weights.
     """
 
     name: str
@@ -154,6 +190,7 @@ class Method:
     batched: bool = False
     load_weights: Callable[[Path], Any] | None = None
     weights_doc: str = ""
+    weights: "Weights | Callable[[dict[str, Any]], Weights] | None" = None
 
     def __post_init__(self):
         unknown = [p for p in self.params if p not in _PARAM_BY_NAME]
@@ -196,6 +233,34 @@ def get_method(name: str) -> Method:
 
 
 _weights_cache: dict[tuple, Any] = {}
+_weights_lock = threading.Lock()
+
+
+def _weights_spec(method: Method, params: dict[str, Any]) -> Weights | None:
+    spec = method.weights
+    return spec(params) if callable(spec) else spec
+
+
+def weights_file(method: str | Method, params: dict[str, Any] | None = None, weights_path=None) -> Path | None:
+    """The weights file `run` would use for this method and these parameters: `weights_path` when
+    given, else the method's default file found by name; None for a method without weights.
+    A missing file raises the PreprocessorError `run` would raise."""
+    m = method if isinstance(method, Method) else get_method(method)
+    if m.load_weights is None:
+        return None
+    if weights_path is not None and str(weights_path) != "":
+        return Path(os.fspath(weights_path)).expanduser()
+    kw = {name: _PARAM_BY_NAME[name].check(params[name], m.name) if params and name in params
+          else _PARAM_BY_NAME[name].default for name in m.params}
+    spec = _weights_spec(m, kw)
+    if spec is None:
+        raise PreprocessorError(
+            f"{m.name} needs a weights file that you provide (nothing is downloaded): "
+            f"{m.weights_doc or 'see the method documentation'}; pass its path as weights_path"
+        )
+    from .nets.files import find_weights
+
+    return find_weights(spec.files, source=spec.source)
 
 
 def _model_for(method: Method, weights_path) -> Any:
@@ -210,12 +275,26 @@ def _model_for(method: Method, weights_path) -> Any:
             f"{method.name}: weights file {str(path)!r} does not exist; {method.weights_doc}"
         )
     st = path.stat()
-    key = (method.name, str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _weights_cache:
-        for k in [k for k in _weights_cache if k[:2] == key[:2]]:
-            del _weights_cache[k]  # the file changed: drop the stale model
-        _weights_cache[key] = method.load_weights(path)
-    return _weights_cache[key]
+    # Keyed by the loader, not the method: methods reading the same file with the same loader (a
+    # net and its "scribble" variant) share one network.
+    key = (method.load_weights, str(path.resolve()), st.st_size, st.st_mtime_ns)
+    with _weights_lock:  # the node and the preview thread may ask at once: build once
+        if key not in _weights_cache:
+            for k in [k for k in _weights_cache if k[:2] == key[:2]]:
+                del _weights_cache[k]  # the file changed: drop the stale model
+            model = method.load_weights(path)
+            if "torch" in sys.modules:  # a torch network goes to the host (device, offloading)
+                from .nets.host import adopt
+
+                model = adopt(model, f"{method.name} ({path.name})")
+            _weights_cache[key] = model
+        return _weights_cache[key]
+
+
+def clear_models() -> None:
+    """Forget every cached network (they are rebuilt from their files when next used)."""
+    with _weights_lock:
+        _weights_cache.clear()
 
 
 def _as_rgb(out: np.ndarray, shape: tuple, name: str) -> np.ndarray:
@@ -265,7 +344,7 @@ def run(
     if m.needs_mask:
         kw["mask"] = to_mask_batch(mask, n, h, w)
     if m.load_weights is not None:
-        kw["model"] = _model_for(m, weights_path)
+        kw["model"] = _model_for(m, weights_file(m, kw, weights_path))
 
     if m.native_size:
         wh, ww = h, w
@@ -301,7 +380,7 @@ def run(
         out[i] = resize(_as_rgb(r, work.shape, m.name), h, w, grow="linear")
 
     report = progress or (lambda done, total: None)
-    workers = min(n, _threads())
+    workers = 1 if m.load_weights is not None else min(n, _threads())
     if workers <= 1:
         for i in range(n):
             one(i)
@@ -390,5 +469,73 @@ _builtin(
 _builtin(
     "lines", M.lines_method, ("min_length", "detector"), "control_v11p_sd15_mlsd, control_sd15_mlsd",
     "Straight line segments (OpenCV LSD, else probabilistic Hough on Canny edges) longer than "
-    "min_length x short side, drawn 1 px (per 512 px) white on black; no M-LSD weights needed.",
+    "min_length x short side, drawn 1 px (per 512 px) white on black; no M-LSD weights needed (`mlsd` runs the "
+    "M-LSD network itself).",
 )
+
+
+# ------------------------------------------------------------------------------------------
+# network annotators (preprocessors/nets/): torch is imported when one first runs, not here.
+# Appended after the weight-free methods, in the order they were added (saved workflows store the
+# method by name, the list order is what the node's menu shows).
+
+@functools.lru_cache(maxsize=None)
+def _net(module: str, attr: str) -> Callable[..., Any]:
+    """`preprocessors.nets.<module>.<attr>`, imported on first call (keeps this module torch-free).
+    One function per name: methods loading with `_net(m, "load")` share the cached network."""
+    def call(*args, **kwargs):
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.nets.{module}"), attr)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = f"{module}.{attr}"
+    return call
+
+
+def _depth_anything_weights(params: dict[str, Any]) -> Weights:
+    from .nets import depth_anything as da
+
+    model = params["depth_model"]
+    return Weights(da.MODELS[model], da.source_of(model))
+
+
+register(Method(
+    name="depth_anything_v2",
+    fn=_net("depth_anything", "depth_map"),
+    params=("depth_model",),
+    feeds="control_v11f1p_sd15_depth, control_sd15_depth, SDXL / Flux depth ControlNets, union (depth)",
+    doc="Depth Anything V2 (or V1) relative depth, nearer brighter, as comfyui_controlnet_aux's "
+        "DepthAnythingV2Preprocessor: the network sees the image at short side 518 whatever `resolution` "
+        "(so the method works at the input size), min-max scaled to 0..255.",
+    native_size=True,
+    load_weights=_net("depth_anything", "load"),
+    weights=_depth_anything_weights,
+    weights_doc="depth_anything_v2_vit{l,b,s,g}.pth from huggingface.co/depth-anything/Depth-Anything-V2-{Large,Base,"
+                "Small,Giant} (or depth_anything_v2_vit?_fp32/fp16.safetensors from Kijai/DepthAnythingV2-safetensors; "
+                "V1: depth_anything_vit?14.pth from LiheYoung/Depth-Anything)",
+))
+
+
+register(Method(
+    name="mlsd",
+    fn=_net("mlsd", "lines_map"),
+    params=("score_threshold", "dist_threshold"),
+    feeds="control_v11p_sd15_mlsd, control_sd15_mlsd",
+    doc="M-LSD straight line segments, 1 px white on black, as comfyui_controlnet_aux's M-LSDPreprocessor (the "
+        "image at `resolution`, padded to a multiple of 64). The weight-free `lines` needs no file.",
+    load_weights=_net("mlsd", "load"),
+    weights=Weights(("mlsd_large_512_fp32.pth",), "https://huggingface.co/lllyasviel/Annotators"),
+    weights_doc="mlsd_large_512_fp32.pth from huggingface.co/lllyasviel/Annotators",
+))
+
+register(Method(
+    name="normal_bae",
+    fn=_net("normal_bae", "normal_map"),
+    params=(),
+    feeds="control_v11p_sd15_normalbae, union (normal)",
+    doc="NormalBAE surface normals (RGB = x, y, z mapped from [-1, 1]) as comfyui_controlnet_aux's "
+        "BAE-NormalMapPreprocessor (the image at `resolution`, padded to a multiple of 64).",
+    load_weights=_net("normal_bae", "load"),
+    weights=Weights(("scannet.pt",), "https://huggingface.co/lllyasviel/Annotators"),
+    weights_doc="scannet.pt from huggingface.co/lllyasviel/Annotators",
+))
