@@ -72,6 +72,11 @@ class LoadControlNet:
         return adapter.file_signature(control_net_name)
 
 
+# The preprocessor parameters of 0.1.0 (low_threshold .. seed): required inputs for ever. Later ones
+# are optional inputs (see Preprocessor.INPUT_TYPES).
+RELEASED_PARAM_COUNT = 14
+
+
 def _param_widget(p: Any) -> tuple:
     opts: dict[str, Any] = {"default": p.default}
     if p.tooltip:
@@ -116,15 +121,16 @@ class Preprocessor:
                                           "tooltip": "Pick the resolution from the generated image's size (connect "
                                                      "the latent) instead of the resolution widget."}),
         }
-        for p in pp.PARAMS:
-            required[p.name] = _param_widget(p)
-        return {
-            "required": required,
-            "optional": {
-                "mask": ("MASK", {"tooltip": "For the inpaint method: the area to repaint."}),
-                "latent": ("LATENT", {"tooltip": "The latent you generate (for pixel_perfect)."}),
-            },
+        optional: dict[str, Any] = {
+            "mask": ("MASK", {"tooltip": "For the inpaint method: the area to repaint."}),
+            "latent": ("LATENT", {"tooltip": "The latent you generate (for pixel_perfect)."}),
         }
+        # The widgets of 0.1.0 are required inputs; those added later are optional ones (after mask and
+        # latent), so an API prompt saved before them, which lacks them, stays valid: a missing
+        # parameter takes its default in the registry. The front end shows both kinds alike.
+        for i, p in enumerate(pp.PARAMS):
+            (required if i < RELEASED_PARAM_COUNT else optional)[p.name] = _param_widget(p)
+        return {"required": required, "optional": optional}
 
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("hint",)

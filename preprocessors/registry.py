@@ -137,10 +137,15 @@ PARAMS: tuple[Param, ...] = (
           tooltip="threshold: luma cut (white at or above); scribble: cut on the soft-edge map, or on luma "
                   "for a drawing"),
     Param("sigma", "float", 1.0, 0.3, 16.0, 0.1,
-          tooltip="softedge, scribble, lineart: scale of the edges/lines looked for, in pixels"),
+          tooltip="softedge, scribble, lineart (weight-free; the trained networks are softedge_hed, softedge_pidinet, "
+                  "softedge_teed, scribble_hed, scribble_pidinet, lineart_realistic, lineart_anime): scale of the "
+                  "edges/lines looked for, in pixels"),
     Param("contrast", "float", 0.05, 0.005, 1.0, 0.005,
-          tooltip="lineart: how much darker than its surroundings (0-1) a line must be; full white at 2x"),
-    Param("thickness", "int", 3, 1, 64, 1, tooltip="scribble: stroke width in pixels (from an image)"),
+          tooltip="lineart (weight-free; lineart_realistic / lineart_coarse / lineart_anime run the trained "
+                  "networks): how much darker than its surroundings (0-1) a line must be; full white at 2x"),
+    Param("thickness", "int", 3, 1, 64, 1,
+          tooltip="scribble (weight-free; scribble_hed / scribble_pidinet run the trained networks): stroke "
+                  "width in pixels (from an image)"),
     Param("drawn", "bool", False,
           tooltip="scribble: the input is a user drawing; only binarise it (inverted if dark strokes on white)"),
     Param("min_length", "float", 0.03, 0.0, 1.0, 0.005,
@@ -152,6 +157,12 @@ PARAMS: tuple[Param, ...] = (
     Param("grid", "int", 8, 1, 512, 1,
           tooltip="color_grid, shuffle: number of cells along the short side"),
     Param("seed", "int", 0, 0, 2**32 - 1, 1, tooltip="shuffle: random seed (same seed, same shuffle)"),
+    # the edge / line-art networks (registry_edge_nets.py)
+    Param("safe", "bool", True,
+          tooltip="softedge_hed, softedge_pidinet and their scribbles: quantise the soft edges to 2 levels "
+                  "(\"safe\" mode: drops faint texture); Aux's default"),
+    Param("safe_steps", "int", 2, 0, 10, 1,
+          tooltip="softedge_teed: quantise the soft edges to this many levels; 0 = off (Aux's default 2)"),
 )
 _PARAM_BY_NAME = {p.name: p for p in PARAMS}
 
@@ -476,3 +487,6 @@ def _net(module: str, attr: str) -> Callable[..., Any]:
 
     call.__name__ = call.__qualname__ = f"{module}.{attr}"
     return call
+
+
+from . import registry_edge_nets  # noqa: E402,F401  (HED, PiDiNet, lineart, anime, TEED/AnyLine)
