@@ -72,9 +72,8 @@ class LoadControlNet:
         return adapter.file_signature(control_net_name)
 
 
-# The preprocessor parameters of 0.1.0 (low_threshold .. seed): required inputs for ever. Later ones
-# are optional inputs (see Preprocessor.INPUT_TYPES).
-RELEASED_PARAM_COUNT = 14
+# How many of preprocessors.PARAMS the 0.1.0 Preprocessor node had (low_threshold .. seed): required widgets.
+RELEASED_PARAMS = 14
 
 
 def _param_widget(p: Any) -> tuple:
@@ -125,11 +124,11 @@ class Preprocessor:
             "mask": ("MASK", {"tooltip": "For the inpaint method: the area to repaint."}),
             "latent": ("LATENT", {"tooltip": "The latent you generate (for pixel_perfect)."}),
         }
-        # The widgets of 0.1.0 are required inputs; those added later are optional ones (after mask and
-        # latent), so an API prompt saved before them, which lacks them, stays valid: a missing
-        # parameter takes its default in the registry. The front end shows both kinds alike.
         for i, p in enumerate(pp.PARAMS):
-            (required if i < RELEASED_PARAM_COUNT else optional)[p.name] = _param_widget(p)
+            # Parameters appended after 0.1.0 are optional inputs: an API prompt saved before they
+            # existed lacks them, and ComfyUI refuses a prompt without a required input (the method
+            # then gets the parameter's default). In the UI they are widgets after the released ones.
+            (required if i < RELEASED_PARAMS else optional)[p.name] = _param_widget(p)
         return {"required": required, "optional": optional}
 
     RETURN_TYPES = ("IMAGE",)

@@ -47,6 +47,7 @@ method would use (the node and the preview show it). New methods are APPENDED wi
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -157,6 +158,16 @@ PARAMS: tuple[Param, ...] = (
     Param("grid", "int", 8, 1, 512, 1,
           tooltip="color_grid, shuffle: number of cells along the short side"),
     Param("seed", "int", 0, 0, 2**32 - 1, 1, tooltip="shuffle: random seed (same seed, same shuffle)"),
+    Param("depth_model", "choice", "v2_vitl",
+          choices=("v2_vitl", "v2_vitb", "v2_vits", "v2_vitg", "v1_vitl", "v1_vitb", "v1_vits"),
+          tooltip="depth_anything_v2: which Depth Anything file: v2_vitl = depth_anything_v2_vitl.pth (Large, "
+                  "best, 1.3 GB), v2_vitb (Base, 390 MB), v2_vits (Small, 99 MB), v2_vitg (Giant); v1_* = "
+                  "Depth Anything V1 (depth_anything_vitl14.pth ...). ComfyUI-DepthAnythingV2's .safetensors "
+                  "work too"),
+    Param("score_threshold", "float", 0.1, 0.01, 2.0, 0.01,
+          tooltip="mlsd: a line's centre must score above this (0-1; lower finds more, fainter lines)"),
+    Param("dist_threshold", "float", 0.1, 0.01, 20.0, 0.01,
+          tooltip="mlsd: shortest segment kept, in pixels at half the working resolution"),
     # the edge / line-art networks (registry_edge_nets.py)
     Param("safe", "bool", True,
           tooltip="softedge_hed, softedge_pidinet and their scribbles: quantise the soft edges to 2 levels "
@@ -469,7 +480,8 @@ _builtin(
 _builtin(
     "lines", M.lines_method, ("min_length", "detector"), "control_v11p_sd15_mlsd, control_sd15_mlsd",
     "Straight line segments (OpenCV LSD, else probabilistic Hough on Canny edges) longer than "
-    "min_length x short side, drawn 1 px (per 512 px) white on black; no M-LSD weights needed.",
+    "min_length x short side, drawn 1 px (per 512 px) white on black; no M-LSD weights needed (`mlsd` runs the "
+    "M-LSD network itself).",
 )
 
 
@@ -478,8 +490,10 @@ _builtin(
 # Appended after the weight-free methods, in the order they were added (saved workflows store the
 # method by name, the list order is what the node's menu shows).
 
+@functools.lru_cache(maxsize=None)
 def _net(module: str, attr: str) -> Callable[..., Any]:
-    """`preprocessors.nets.<module>.<attr>`, imported on first call (keeps this module torch-free)."""
+    """`preprocessors.nets.<module>.<attr>`, imported on first call (keeps this module torch-free).
+    One function per name: methods loading with `_net(m, "load")` share the cached network."""
     def call(*args, **kwargs):
         import importlib
 
@@ -487,6 +501,55 @@ def _net(module: str, attr: str) -> Callable[..., Any]:
 
     call.__name__ = call.__qualname__ = f"{module}.{attr}"
     return call
+
+
+def _depth_anything_weights(params: dict[str, Any]) -> Weights:
+    from .nets import depth_anything as da
+
+    model = params["depth_model"]
+    return Weights(da.MODELS[model], da.source_of(model))
+
+
+register(Method(
+    name="depth_anything_v2",
+    fn=_net("depth_anything", "depth_map"),
+    params=("depth_model",),
+    feeds="control_v11f1p_sd15_depth, control_sd15_depth, SDXL / Flux depth ControlNets, union (depth)",
+    doc="Depth Anything V2 (or V1) relative depth, nearer brighter, as comfyui_controlnet_aux's "
+        "DepthAnythingV2Preprocessor: the network sees the image at short side 518 whatever `resolution` "
+        "(so the method works at the input size), min-max scaled to 0..255.",
+    native_size=True,
+    load_weights=_net("depth_anything", "load"),
+    weights=_depth_anything_weights,
+    weights_doc="depth_anything_v2_vit{l,b,s,g}.pth from huggingface.co/depth-anything/Depth-Anything-V2-{Large,Base,"
+                "Small,Giant} (or depth_anything_v2_vit?_fp32/fp16.safetensors from Kijai/DepthAnythingV2-safetensors; "
+                "V1: depth_anything_vit?14.pth from LiheYoung/Depth-Anything)",
+))
+
+
+register(Method(
+    name="mlsd",
+    fn=_net("mlsd", "lines_map"),
+    params=("score_threshold", "dist_threshold"),
+    feeds="control_v11p_sd15_mlsd, control_sd15_mlsd",
+    doc="M-LSD straight line segments, 1 px white on black, as comfyui_controlnet_aux's M-LSDPreprocessor (the "
+        "image at `resolution`, padded to a multiple of 64). The weight-free `lines` needs no file.",
+    load_weights=_net("mlsd", "load"),
+    weights=Weights(("mlsd_large_512_fp32.pth",), "https://huggingface.co/lllyasviel/Annotators"),
+    weights_doc="mlsd_large_512_fp32.pth from huggingface.co/lllyasviel/Annotators",
+))
+
+register(Method(
+    name="normal_bae",
+    fn=_net("normal_bae", "normal_map"),
+    params=(),
+    feeds="control_v11p_sd15_normalbae, union (normal)",
+    doc="NormalBAE surface normals (RGB = x, y, z mapped from [-1, 1]) as comfyui_controlnet_aux's "
+        "BAE-NormalMapPreprocessor (the image at `resolution`, padded to a multiple of 64).",
+    load_weights=_net("normal_bae", "load"),
+    weights=Weights(("scannet.pt",), "https://huggingface.co/lllyasviel/Annotators"),
+    weights_doc="scannet.pt from huggingface.co/lllyasviel/Annotators",
+))
 
 
 from . import registry_edge_nets  # noqa: E402,F401  (HED, PiDiNet, lineart, anime, TEED/AnyLine)

@@ -28,15 +28,12 @@ def _doc(w: Weights) -> str:
     return f"{' or '.join(w.files)} from {w.source}"
 
 
-# One loader object per network module: the registry caches networks by (loader, file), so a soft-edge
-# method and its scribble variant share one network.
-_LOADERS = {m: _net(m, "load") for m in ("hed", "pidinet", "lineart", "lineart_anime", "teed")}
-
-
 def _register(name, fn, params, feeds, doc, weights: Weights, loader: str) -> None:
+    # _net(m, "load") is one function per module: the registry caches networks by (loader, file), so
+    # a soft-edge method and its scribble variant share one network.
     register(Method(
         name=name, fn=_net(loader, fn), params=tuple(params), feeds=feeds, doc=doc,
-        load_weights=_LOADERS[loader], weights=weights, weights_doc=_doc(weights),
+        load_weights=_net(loader, "load"), weights=weights, weights_doc=_doc(weights),
     ))
 
 

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from comfyui_controlnet_core import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from comfyui_controlnet_core import preprocessors as pp
-from comfyui_controlnet_core.nodes import node_defs
 from comfyui_controlnet_core.controlnet_core.control import MODES
 from comfyui_controlnet_core.controlnet_core.errors import InputError, LoadError
 from comfyui_controlnet_core.nodes import adapter
@@ -85,11 +84,12 @@ def test_apply_node_inputs_match_comfyui_apply_advanced_then_extend_it():
 
 def test_preprocessor_node_has_one_widget_per_param_in_order():
     spec = NODE_CLASS_MAPPINGS["CNCore_Preprocessor"].INPUT_TYPES()
-    names, later = list(spec["required"]), list(spec["optional"])
+    names, optional = list(spec["required"]), list(spec["optional"])
     assert names[:4] == ["image", "method", "resolution", "pixel_perfect"]
-    # 0.1.0's parameters are required inputs, the later ones optional (after mask and latent)
-    n = node_defs.RELEASED_PARAM_COUNT
-    assert names[4:] == [p.name for p in pp.PARAMS[:n]] and later[2:] == [p.name for p in pp.PARAMS[n:]]
+    # the 0.1.0 parameters are required widgets; those appended since are optional ones, after mask
+    # and latent, so API prompts saved without them still validate in ComfyUI
+    assert names[4:] + optional[2:] == [p.name for p in pp.PARAMS]
+    assert optional[:2] == ["mask", "latent"] and len(names[4:]) == 14
     req = {**spec["required"], **spec["optional"]}
     assert req["method"][0] == pp.list_methods() and "canny" in req["method"][0]
     kinds = {"int": "INT", "float": "FLOAT", "bool": "BOOLEAN"}
