@@ -66,6 +66,32 @@ def scene(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.clip(img.astype(np.int16) + rng.integers(-6, 7, img.shape), 0, 255).astype(np.uint8)
 
 
+def release_files(folder: Path) -> dict[str, Path]:
+    """The six files in their published layouts, random weights, made from our own modules (no
+    oracle needed: for the real-ComfyUI test). PiDiNet's file holds the raw 3x3 difference kernels."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = lambda m: OrderedDict((k, v.clone()) for k, v in m.state_dict().items())  # noqa: E731
+    net = randomise(hed.HEDNet(), 0.5, seed=11)
+    with torch.no_grad():
+        net.norm.copy_(torch.tensor([123.0, 117.0, 104.0]).view(1, 3, 1, 1))
+    out = {"ControlNetHED.pth": OrderedDict((k, v.half()) for k, v in sd(net).items())}
+    pidi = sd(randomise(pidinet.PiDiNet(), 1.0, seed=12))
+    g = torch.Generator().manual_seed(12)
+    for key in pidinet._difference_kernels():
+        c_out, c_in = pidi[key].shape[:2]
+        pidi[key] = torch.randn(c_out, c_in, 3, 3, generator=g) * (2.0 / (9 * c_in)) ** 0.5
+    out["table5_pidinet.pth"] = {"state_dict": OrderedDict(("module." + k, v) for k, v in pidi.items())}
+    out["sk_model.pth"] = sd(randomise(lineart.LineartGenerator(), 1.0, seed=13))
+    out["sk_model2.pth"] = sd(randomise(lineart.LineartGenerator(), 1.0, seed=14))
+    out["netG.pth"] = sd(randomise(lineart_anime.AnimeUNet(), 1.0, seed=15))
+    out["MTEED.pth"] = sd(randomise(teed.TEEDNet(), 0.5, seed=16))
+    paths = {}
+    for name, obj in out.items():
+        torch.save(obj, folder / name)
+        paths[name] = folder / name
+    return paths
+
+
 # ------------------------------------------------------------------------------------------
 # the reference modules and the files saved from them in the real layouts
 

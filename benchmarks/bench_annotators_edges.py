@@ -1,4 +1,5 @@
-"""The network annotators, ours vs controlnet-aux ("Aux"), on the same image and the same weights:
+"""The edge and line-art networks (HED, PiDiNet, lineart, lineart_anime, TEED, AnyLine; the other
+network annotators are in bench_annotators.py), ours vs controlnet-aux ("Aux"), on the same image and the same weights:
 seconds per warm call and peak resident memory, at 512x512 and 1024x1024, CPU.
 
 Every (implementation, method, size) runs in its own fresh process (so the peak resident size is
@@ -12,7 +13,7 @@ comfyui_controlnet_aux checkout's own (`src/custom_controlnet_aux`); AnyLine is 
 (its TEED and lineart-standard detectors, scikit-image's remove_small_objects, the screen blend),
 scribble_pidinet its node's second stroke pass. Ours: `preprocessors.run(method, ...)`.
 
-    flock /tmp/heavy.lock .venv/bin/python benchmarks/bench_annotators.py [--sizes 512 1024] [--repeats 3]
+    flock /tmp/heavy.lock .venv/bin/python benchmarks/bench_annotators_edges.py [--sizes 512 1024] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ args = json.loads(sys.argv[1])
 import numpy as np, torch, cv2
 torch.set_num_threads(args["threads"]); cv2.setNumThreads(args["threads"])
 sys.path.insert(0, args["bench_dir"])
-from bench_annotators import scene, aux_detector, our_call
+from bench_annotators_edges import scene, aux_detector, our_call
 img = scene(args["size"], args["size"])
 call = our_call(args) if args["impl"] == "ours" else aux_detector(args)  # imports; the weights load lazily
 base = rss_now()
