@@ -137,6 +137,22 @@ class Preprocessor:
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
+    @classmethod
+    def IS_CHANGED(cls, method: Any = None, **params: Any) -> str:
+        # A network method's weights file replaced (or added) under the same name makes the node run
+        # anew: its path, size and time are part of the key. Weight-free methods: inputs alone.
+        from .. import preprocessors as pp
+
+        try:
+            if pp.get_method(method).load_weights is None:
+                return ""
+            adapter.setup_annotators()
+            path = pp.weights_file(method, params)
+            st = path.stat()
+        except (pp.PreprocessorError, OSError):
+            return "missing"  # the run itself says what is wrong
+        return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+
     def run(self, image: torch.Tensor, method: str, resolution: int, pixel_perfect: bool,
             mask: torch.Tensor | None = None, latent: dict | None = None, **params: Any) -> tuple | dict:
         from .. import preprocessors as pp

@@ -112,7 +112,7 @@ def parse_preview(body: Any) -> PreviewJob:
         raise RequestError(400, "send a JSON object with method, params and image")
     method = body.get("method")
     try:
-        m = pp.get_method(method)
+        pp.get_method(method)
     except pp.PreprocessorError as e:
         raise RequestError(400, str(e)) from None
     params = body.get("params", {})

@@ -14,7 +14,6 @@ Aux and the trained weights) use a scale factor of (n + 0.1) / 37: there the ora
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest

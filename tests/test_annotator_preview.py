@@ -91,6 +91,17 @@ def test_node_finds_the_file_says_which_and_matches_the_library(comfy):
     assert hint.std() > 0.05
 
 
+def test_node_is_changed_follows_the_weights_file(comfy):
+    node = NODE_CLASS_MAPPINGS["CNCore_Preprocessor"]
+    assert node.IS_CHANGED(method="canny", low_threshold=10) == ""
+    first = node.IS_CHANGED(method="depth_anything_v2", depth_model="v1_vits")
+    assert first.startswith(str(comfy.weights))
+    st = comfy.weights.stat()
+    os.utime(comfy.weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # replaced under the same name
+    assert node.IS_CHANGED(method="depth_anything_v2", depth_model="v1_vits") != first
+    assert node.IS_CHANGED(method="depth_anything_v2", depth_model="v2_vitl") == "missing"
+
+
 def test_node_missing_file_sentence(comfy):
     image = torch.zeros(1, 32, 32, 3)
     with pytest.raises(pp.PreprocessorError) as e:

@@ -73,7 +73,11 @@ MODEL_FILES = {
     "controllllite_v01032064e_sdxl_canny.safetensors": ("lllite", "ControlNet-LLLite · SDXL"),
     "controlnet-union-sdxl-1.0-promax.safetensors": (
         "union", "ControlNet Union / ProMax (xinsir) · SDXL · diffusers"),
+    "control_v11f1p_sd15_depth_fp16.safetensors": ("controlnet", "ControlNet · SD1.x · original"),
 }
+# The network annotators' files the workflows' Preprocessors name (method, depth_model) -> a random
+# file of the real layout (preprocessors/nets) in models/annotators, so their preview shows a hint.
+ANNOTATOR_FILES = {("depth_anything_v2", "v2_vitb"): "depth_anything_v2_vitb.pth"}
 
 
 def loader_files() -> set[str]:
@@ -155,6 +159,12 @@ def page_report(tmp_path_factory):
     (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
     for name in loader_files():  # a small random file of each loader's family under the workflows' names
         write_model_file(name, base / "models" / "controlnet" / name)
+    (base / "models" / "annotators").mkdir(parents=True, exist_ok=True)
+    for (method, _), name in ANNOTATOR_FILES.items():  # a ViT-S under the ViT-B name: sizes come from the shapes
+        from test_annotator_depth_anything import random_release_state_dict
+        import torch
+
+        torch.save(random_release_state_dict(seed=3), base / "models" / "annotators" / name)
     for p in tw.UI_FILES:  # the checkpoints are only listed (nothing is queued): empty files do
         for n in tw.load_pair(p)[1].values():
             if n["class_type"] == "CheckpointLoaderSimple":
@@ -257,7 +267,11 @@ def test_preprocessor_shows_the_widgets_of_its_method_and_previews(page_report, 
             assert seen["heights"]["invert"] < seen["heights"]["tile"] < seen["heights"]["canny"]
         state = entry["preview"][nid]
         assert state["shown"] and (state["width"], state["height"]) == INPUT_SIZE, state  # the hint of example.png
-        assert state["text"] == ""
+        method = next(n["inputs"] for k, n in tw.load_pair(tw.WORKFLOWS / f"{name}.json")[1].items() if k == str(nid))
+        network = ANNOTATOR_FILES.get((method["method"], method.get("depth_model")))
+        # a network method says which weights file it used; the others show the hint alone
+        assert (state["text"].startswith("weights: ") and state["text"].endswith(network)) if network else (
+            state["text"] == ""), state
     # the node after the preview: taller by at most the room the layout keeps for it
     saved = {n["id"]: n for n in json.loads((tw.WORKFLOWS / f"{name}.json").read_text())["nodes"]}
     for n in entry["graph_after_preview"]["nodes"]:

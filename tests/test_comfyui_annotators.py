@@ -26,6 +26,8 @@ from comfyui_controlnet_core import preprocessors as pp
 from comfyui_controlnet_core.preprocessors import registry
 from helpers_comfyui import COMFYUI_PYTHON, NEEDS_COMFYUI, error, make_base, ok, serve
 from test_annotator_depth_anything import random_release_state_dict
+from test_annotator_mlsd import random_state_dict as mlsd_weights
+from test_annotator_normal_bae import random_state_dict as bae_weights
 
 pytestmark = NEEDS_COMFYUI
 
@@ -33,15 +35,16 @@ V1S = "depth_anything_vits14.pth"
 EXTRA = "depth_anything_vitl14.pth"  # a small ViT-S file under the ViT-L name: sizes come from the shapes
 
 
-def prompt(depth_model: str = "v1_vits") -> dict:
+def prompt(depth_model: str = "v1_vits", method: str = "depth_anything_v2", resolution: int = 512) -> dict:
+    extra = {"depth_model": depth_model} if method == "depth_anything_v2" else {}
     return {
         "1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
         "2": {"class_type": "CNCore_Preprocessor", "inputs": {
-            "image": ["1", 0], "method": "depth_anything_v2", "resolution": 512, "pixel_perfect": False,
+            "image": ["1", 0], "method": method, "resolution": resolution, "pixel_perfect": False,
             "low_threshold": 100, "high_threshold": 200, "auto_threshold": False, "blur": 0.0, "threshold": 0.5,
             "sigma": 1.0, "contrast": 0.05, "thickness": 3, "drawn": False, "min_length": 0.03, "detector": "auto",
-            "downsample": 2.0, "grid": 8, "seed": 0, "depth_model": depth_model}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "depth"}},
+            "downsample": 2.0, "grid": 8, "seed": 0, **extra}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": method}},
     }
 
 
@@ -67,6 +70,8 @@ def comfy(tmp_path_factory):
     base = make_base(tmp_path_factory.mktemp("comfy-annotators"), "models/annotators/LiheYoung", "elsewhere")
     torch.save(random_release_state_dict(depth=4, seed=21), base / "models/annotators/LiheYoung" / V1S)
     torch.save(random_release_state_dict(depth=4, seed=22), base / "elsewhere" / EXTRA)
+    torch.save(mlsd_weights(), base / "models/annotators" / "mlsd_large_512_fp32.pth")
+    torch.save({"model": bae_weights()}, base / "models/annotators" / "scannet.pt")
     yaml = base / "extra_model_paths.yaml"
     yaml.write_text(f"cncore_test:\n  base_path: {base}\n  annotators: elsewhere\n")
     overlay = opencv_overlay(tmp_path_factory.mktemp("opencv"))
@@ -78,13 +83,15 @@ def comfy(tmp_path_factory):
             yield server
 
 
-def reference(comfy, path, model: str) -> np.ndarray:
+def reference(comfy, path, model: str, method: str = "depth_anything_v2", **params) -> np.ndarray:
     from comfyui_controlnet_core.preprocessors.nets import files
 
     files.set_roots_provider(lambda: [path.parent])
+    if method == "depth_anything_v2":
+        params["depth_model"] = model
     try:
         rgb = np.asarray(Image.open(comfy.base / "input" / "example.png").convert("RGB"))
-        return np.rint(pp.run("depth_anything_v2", rgb, depth_model=model)[0] * 255).astype(np.int16)
+        return np.rint(pp.run(method, rgb, **params)[0] * 255).astype(np.int16)
     finally:
         files.set_roots_provider(None)
         registry.clear_models()
@@ -128,3 +135,12 @@ def test_missing_file_is_a_sentence_free_unloads_and_the_next_prompt_runs(comfy)
     code, _ = comfy.post("/free", {"unload_models": True, "free_memory": True})
     assert code == 200
     ok(comfy.run(prompt()))
+
+
+@pytest.mark.parametrize("method,file", [("mlsd", "mlsd_large_512_fp32.pth"), ("normal_bae", "scannet.pt")])
+def test_mlsd_and_normal_bae_nodes_in_comfyui(comfy, method, file):
+    entry = ok(comfy.run(prompt(method=method, resolution=64)))
+    (got,) = comfy.images(entry, "3")
+    want = reference(comfy, comfy.base / "models/annotators" / file, "", method, resolution=64)
+    assert np.abs(got - want).max() <= 1 and want.std() > 5
+    assert entry["outputs"]["2"]["cncore_weights"] == [str(comfy.base / "models/annotators" / file)]

@@ -59,7 +59,8 @@ def aux_ckpts_roots(custom_nodes_dirs: Iterable[str | os.PathLike]) -> list[Path
         if not base.is_dir():
             continue
         for entry in sorted(base.iterdir()):
-            if entry.name.lower() not in AUX_DIR_NAMES or not entry.is_dir():
+            # the git clone's name, or a zip download's (comfyui_controlnet_aux-main)
+            if not entry.name.lower().startswith(AUX_DIR_NAMES) or not entry.is_dir():
                 continue
             ckpts = entry / "ckpts"
             configured = _aux_configured_path(entry / "config.yaml")

@@ -36,7 +36,7 @@ class ConvBNReLU(nn.Sequential):
     def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1):
         pad = 0 if stride == 2 else (kernel - 1) // 2
         super().__init__(nn.Conv2d(cin, cout, kernel, stride, pad, groups=groups, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU6())
+                         nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +85,8 @@ class MobileNetV2(nn.Module):
 
 
 def _cbr(cin: int, cout: int, k: int = 1, pad: int = 0, dil: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=pad, dilation=dil), nn.BatchNorm2d(cout), nn.ReLU())
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=pad, dilation=dil), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))  # in place: no extra map per layer
 
 
 class BlockA(nn.Module):

@@ -83,7 +83,7 @@ class DepthwiseSeparable(nn.Module):
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn2(self.conv_pw(self.se(F.silu(self.bn1(self.conv_dw(x))))))
+        y = self.bn2(self.conv_pw(self.se(F.silu(self.bn1(self.conv_dw(x)), inplace=True))))
         return x + y if self.residual else y
 
 
@@ -101,8 +101,8 @@ class InvertedResidual(nn.Module):
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.silu(self.bn1(self.conv_pw(x)))
-        y = self.se(F.silu(self.bn2(self.conv_dw(y))))
+        y = F.silu(self.bn1(self.conv_pw(x)), inplace=True)  # in place: no extra map per layer
+        y = self.se(F.silu(self.bn2(self.conv_dw(y)), inplace=True))
         y = self.bn3(self.conv_pwl(y))
         return x + y if self.residual else y
 
@@ -129,7 +129,7 @@ class EfficientNetB5(nn.Module):
         self.bn2 = _bn(2048)  # in the files; the decoder taps conv_head before it
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = F.silu(self.bn1(self.conv_stem(x)))
+        x = F.silu(self.bn1(self.conv_stem(x)), inplace=True)
         taps = []
         for i, stage in enumerate(self.blocks):
             x = stage(x)
@@ -148,8 +148,8 @@ class Encoder(nn.Module):
 class UpSampleBN(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self._net = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(),
-                                  nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU())
+        self._net = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(inplace=True),
+                                  nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(inplace=True))
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, size=skip.shape[2:], mode="bilinear", align_corners=True)
@@ -157,8 +157,8 @@ class UpSampleBN(nn.Module):
 
 
 def _mlp(cin: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv1d(cin, 128, 1), nn.ReLU(), nn.Conv1d(128, 128, 1), nn.ReLU(),
-                         nn.Conv1d(128, 128, 1), nn.ReLU(), nn.Conv1d(128, 4, 1))
+    return nn.Sequential(nn.Conv1d(cin, 128, 1), nn.ReLU(inplace=True), nn.Conv1d(128, 128, 1), nn.ReLU(inplace=True),
+                         nn.Conv1d(128, 128, 1), nn.ReLU(inplace=True), nn.Conv1d(128, 4, 1))
 
 
 def normalize_prediction(out: torch.Tensor) -> torch.Tensor:
