@@ -1,15 +1,38 @@
-"""The post-processing the edge networks (HED, PiDiNet, TEED) share, as comfyui_controlnet_aux
-("Aux") does it, so the uint8 maps equal Aux's: the sigmoid of the mean of the side outputs, Aux's
-truncating uint8 cast and its "scribble" strokes. (Padding, `safe_step` and `nms` are in common.py.)
+"""What the edge and line-art networks (HED, PiDiNet, lineart, lineart_anime, TEED) share: building
+a network from its file without a second copy of the weights, and the post-processing as
+comfyui_controlnet_aux ("Aux") does it, so the uint8 maps equal Aux's: the sigmoid of the mean of the
+side outputs, Aux's truncating uint8 cast and its "scribble" strokes. (Padding, `safe_step` and `nms`
+are in common.py.)
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+from typing import Callable, TypeVar
+
 import numpy as np
 import torch
+from torch import nn
 
 from .._cv import cv2
 from .common import nms
+from .files import load_into
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def build(make: Callable[[], M], sd: dict, *, path: str | os.PathLike, what: str) -> M:
+    """`make()` with the weights of `sd` (names and shapes checked by load_into, a sentence if they do
+    not fit). The module is made without storage and takes the file's tensors as its parameters, so
+    the weights are in memory once (loading into a built module would hold them twice at the peak)."""
+    with torch.device("meta"):
+        net = make()
+    with warnings.catch_warnings():  # load_into's copy onto the storage-less module is a no-op: say nothing
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter", category=UserWarning)
+        load_into(net, sd, path=path, what=what)  # the names and shapes, a sentence when they do not fit
+    net.load_state_dict(sd, strict=True, assign=True)
+    return net
 
 
 def rgb_tensor(img_u8: np.ndarray, device: torch.device) -> torch.Tensor:

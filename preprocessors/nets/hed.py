@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import pad64, safe_step, to_uint8, uint8_to_float
-from .edges import rgb_tensor, scribble_strokes, sigmoid_mean, truncate_u8
-from .files import load_into, read_state_dict
+from .edges import build, rgb_tensor, scribble_strokes, sigmoid_mean, truncate_u8
+from .files import read_state_dict
 from .host import Net
 
 FILE_NAME = "ControlNetHED.pth"
@@ -68,9 +68,7 @@ class HEDNet(nn.Module):
 
 def load(path: Path) -> HEDNet:
     """The network of `ControlNetHED.pth` (its fp16 tensors are read as fp32)."""
-    net = HEDNet()
-    load_into(net, read_state_dict(path), path=path, what="HED (ControlNetHED_Apache2)")
-    return net
+    return build(HEDNet, read_state_dict(path), path=path, what="HED (ControlNetHED_Apache2)")
 
 
 def edge_map(model: Net, img_u8: np.ndarray, safe: bool) -> np.ndarray:

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from .common import pad64, to_uint8, uint8_to_float
-from .edges import rgb_tensor, truncate_u8
-from .files import load_into, read_state_dict
+from .edges import build, rgb_tensor, truncate_u8
+from .files import read_state_dict
 from .host import Net
 
 FILE_NAMES = {"realistic": "sk_model.pth", "coarse": "sk_model2.pth"}
@@ -68,9 +68,7 @@ class LineartGenerator(nn.Module):
 
 def load(path: Path) -> LineartGenerator:
     """The generator of `sk_model.pth` (realistic) or `sk_model2.pth` (coarse): the same network."""
-    net = LineartGenerator()
-    load_into(net, read_state_dict(path), path=path, what="line-art (sk_model)")
-    return net
+    return build(LineartGenerator, read_state_dict(path), path=path, what="line-art (sk_model)")
 
 
 def lineart_net(frame: np.ndarray, *, model: Net) -> np.ndarray:

@@ -21,8 +21,8 @@ from torch import nn
 
 from .._cv import cv2
 from .common import pad64, to_uint8, uint8_to_float
-from .edges import rgb_tensor
-from .files import load_into, read_state_dict
+from .edges import build, rgb_tensor
+from .files import read_state_dict
 from .host import Net
 
 FILE_NAME = "netG.pth"
@@ -79,9 +79,7 @@ class AnimeUNet(nn.Module):
 def load(path: Path) -> AnimeUNet:
     """The U-Net of `netG.pth` (a `module.` anywhere in a key is dropped, as Aux does)."""
     sd = {k.replace("module.", ""): v for k, v in read_state_dict(path).items()}
-    net = AnimeUNet()
-    load_into(net, sd, path=path, what="anime line-art (netG, pix2pix U-Net)")
-    return net
+    return build(AnimeUNet, sd, path=path, what="anime line-art (netG, pix2pix U-Net)")
 
 
 def lineart_anime(frame: np.ndarray, *, model: Net) -> np.ndarray:

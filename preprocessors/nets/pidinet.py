@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import pad64, safe_step, to_uint8, uint8_to_float
-from .edges import rgb_tensor, scribble_strokes, truncate_u8
-from .files import load_into, read_state_dict
+from .edges import build, rgb_tensor, scribble_strokes, truncate_u8
+from .files import read_state_dict
 from .host import Net
 
 FILE_NAME = "table5_pidinet.pth"
@@ -168,9 +168,7 @@ def load(path: Path) -> PiDiNet:
         w = sd.get(key)
         if isinstance(w, torch.Tensor) and w.ndim == 4 and tuple(w.shape[2:]) == (3, 3):
             sd[key] = convert_kernel(w, op)
-    net = PiDiNet()
-    load_into(net, sd, path=path, what="PiDiNet (table5, carv4)")
-    return net
+    return build(PiDiNet, sd, path=path, what="PiDiNet (table5, carv4)")
 
 
 def edge_map(model: Net, img_u8: np.ndarray, safe: bool) -> np.ndarray:

@@ -26,8 +26,8 @@ from torch import nn
 
 from .._cv import cv2
 from .common import pad64, safe_step, to_uint8, uint8_to_float
-from .edges import rgb_tensor, sigmoid_mean, truncate_u8
-from .files import load_into, read_state_dict
+from .edges import build, rgb_tensor, sigmoid_mean, truncate_u8
+from .files import read_state_dict
 from .host import Net
 
 FILE_NAME = "MTEED.pth"
@@ -144,9 +144,7 @@ class TEEDNet(nn.Module):
 
 def load(path: Path) -> TEEDNet:
     """The network of `MTEED.pth` (or TEED's own `7_model.pth`: the same layout)."""
-    net = TEEDNet()
-    load_into(net, read_state_dict(path), path=path, what="TEED (MTEED.pth)")
-    return net
+    return build(TEEDNet, read_state_dict(path), path=path, what="TEED (MTEED.pth)")
 
 
 def edge_map(model: Net, img_u8: np.ndarray, safe_steps: int) -> np.ndarray:
