@@ -150,7 +150,8 @@ PARAMS: tuple[Param, ...] = (
     Param("drawn", "bool", False,
           tooltip="scribble: the input is a user drawing; only binarise it (inverted if dark strokes on white)"),
     Param("min_length", "float", 0.03, 0.0, 1.0, 0.005,
-          tooltip="lines: shortest segment kept, as a fraction of the short side"),
+          tooltip="lines (weight-free; mlsd runs the M-LSD network): shortest segment kept, as a fraction of "
+                  "the short side"),
     Param("detector", "choice", "auto", choices=("auto", "lsd", "hough"),
           tooltip="lines: OpenCV's LSD (auto when this OpenCV has it) or probabilistic Hough on Canny edges"),
     Param("downsample", "float", 2.0, 1.0, 64.0, 0.1,
