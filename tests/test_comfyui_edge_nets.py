@@ -22,7 +22,7 @@ from PIL import Image
 from comfyui_controlnet_core import preprocessors as pp
 from comfyui_controlnet_core.preprocessors import registry
 from helpers_comfyui import NEEDS_COMFYUI, make_base, ok, serve
-from test_annotators_edges import release_files, scene
+from test_annotator_edges import release_files, scene
 from test_comfyui_annotators import opencv_overlay
 
 pytestmark = NEEDS_COMFYUI
