@@ -1,6 +1,6 @@
 """The edge and line-art networks (HED, PiDiNet, lineart, lineart_anime, TEED, AnyLine; the other
-network annotators are in bench_annotators.py), ours vs controlnet-aux ("Aux"), on the same image and the same weights:
-seconds per warm call and peak resident memory, at 512x512 and 1024x1024, CPU.
+network annotators are in bench_annotators.py), ours vs controlnet-aux ("Aux"), on the same image and
+the same weights: seconds per warm call and peak resident memory, at 512x512 and 1024x1024, CPU.
 
 Every (implementation, method, size) runs in its own fresh process (so the peak resident size is
 that method's alone): import, build the network from the file, one warm-up call, then the median of
