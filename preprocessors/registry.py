@@ -138,14 +138,20 @@ PARAMS: tuple[Param, ...] = (
           tooltip="threshold: luma cut (white at or above); scribble: cut on the soft-edge map, or on luma "
                   "for a drawing"),
     Param("sigma", "float", 1.0, 0.3, 16.0, 0.1,
-          tooltip="softedge, scribble, lineart: scale of the edges/lines looked for, in pixels"),
+          tooltip="softedge, scribble, lineart (weight-free; the trained networks are softedge_hed, softedge_pidinet, "
+                  "softedge_teed, scribble_hed, scribble_pidinet, lineart_realistic, lineart_anime): scale of the "
+                  "edges/lines looked for, in pixels"),
     Param("contrast", "float", 0.05, 0.005, 1.0, 0.005,
-          tooltip="lineart: how much darker than its surroundings (0-1) a line must be; full white at 2x"),
-    Param("thickness", "int", 3, 1, 64, 1, tooltip="scribble: stroke width in pixels (from an image)"),
+          tooltip="lineart (weight-free; lineart_realistic / lineart_coarse / lineart_anime run the trained "
+                  "networks): how much darker than its surroundings (0-1) a line must be; full white at 2x"),
+    Param("thickness", "int", 3, 1, 64, 1,
+          tooltip="scribble (weight-free; scribble_hed / scribble_pidinet run the trained networks): stroke "
+                  "width in pixels (from an image)"),
     Param("drawn", "bool", False,
           tooltip="scribble: the input is a user drawing; only binarise it (inverted if dark strokes on white)"),
     Param("min_length", "float", 0.03, 0.0, 1.0, 0.005,
-          tooltip="lines: shortest segment kept, as a fraction of the short side"),
+          tooltip="lines (weight-free; mlsd runs the M-LSD network): shortest segment kept, as a fraction of "
+                  "the short side"),
     Param("detector", "choice", "auto", choices=("auto", "lsd", "hough"),
           tooltip="lines: OpenCV's LSD (auto when this OpenCV has it) or probabilistic Hough on Canny edges"),
     Param("downsample", "float", 2.0, 1.0, 64.0, 0.1,
@@ -163,6 +169,12 @@ PARAMS: tuple[Param, ...] = (
           tooltip="mlsd: a line's centre must score above this (0-1; lower finds more, fainter lines)"),
     Param("dist_threshold", "float", 0.1, 0.01, 20.0, 0.01,
           tooltip="mlsd: shortest segment kept, in pixels at half the working resolution"),
+    # the edge / line-art networks (registry_edge_nets.py)
+    Param("safe", "bool", True,
+          tooltip="softedge_hed, softedge_pidinet and their scribbles: quantise the soft edges to 2 levels "
+                  "(\"safe\" mode: drops faint texture); Aux's default"),
+    Param("safe_steps", "int", 2, 0, 10, 1,
+          tooltip="softedge_teed: quantise the soft edges to this many levels; 0 = off (Aux's default 2)"),
 )
 _PARAM_BY_NAME = {p.name: p for p in PARAMS}
 
@@ -539,3 +551,6 @@ register(Method(
     weights=Weights(("scannet.pt",), "https://huggingface.co/lllyasviel/Annotators"),
     weights_doc="scannet.pt from huggingface.co/lllyasviel/Annotators",
 ))
+
+
+from . import registry_edge_nets  # noqa: E402,F401  (HED, PiDiNet, lineart, anime, TEED/AnyLine)
