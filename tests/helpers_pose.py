@@ -1,0 +1,375 @@
+"""Test-only torch models of the two DWPose networks, written from the architecture descriptions
+(YOLOX's `yolox_l` = CSPDarknet + PAFPN + decoupled head, Megvii's export layout; RTMPose-L =
+mmdet CSPNeXt P5 + mmpose RTMCCHead with a GAU block), with the real module paths so an export
+gets the real node names (`/backbone/backbone/stem/conv/conv/Conv`, `/head/gau/uv/MatMul`, ...).
+
+`width` / `depth` shrink the channel / block counts (the real files: 1.0 / 1.0) so the tests stay
+fast on a 2-core machine; the graph has the same operators and topology either way. Weights are
+random and scaled so activations neither vanish nor saturate: the outputs must move when the input
+moves, or a wrong operator could pass unnoticed.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------- YOLOX (Megvii)
+
+
+class BaseConv(nn.Module):
+    def __init__(self, cin, cout, k, stride, groups=1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=1e-3, momentum=0.03)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class Focus(nn.Module):
+    def __init__(self, cin, cout, k=1):
+        super().__init__()
+        self.conv = BaseConv(cin * 4, cout, k, 1)
+
+    def forward(self, x):
+        tl, tr = x[..., ::2, ::2], x[..., ::2, 1::2]
+        bl, br = x[..., 1::2, ::2], x[..., 1::2, 1::2]
+        return self.conv(torch.cat((tl, bl, tr, br), 1))
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin, cout, shortcut=True, expansion=0.5):
+        super().__init__()
+        hidden = int(cout * expansion)
+        self.conv1 = BaseConv(cin, hidden, 1, 1)
+        self.conv2 = BaseConv(hidden, cout, 3, 1)
+        self.use_add = shortcut and cin == cout
+
+    def forward(self, x):
+        y = self.conv2(self.conv1(x))
+        return y + x if self.use_add else y
+
+
+class CSPLayer(nn.Module):
+    def __init__(self, cin, cout, n=1, shortcut=True, expansion=0.5):
+        super().__init__()
+        hidden = int(cout * expansion)
+        self.conv1 = BaseConv(cin, hidden, 1, 1)
+        self.conv2 = BaseConv(cin, hidden, 1, 1)
+        self.conv3 = BaseConv(2 * hidden, cout, 1, 1)
+        self.m = nn.Sequential(*[Bottleneck(hidden, hidden, shortcut, 1.0) for _ in range(n)])
+
+    def forward(self, x):
+        return self.conv3(torch.cat((self.m(self.conv1(x)), self.conv2(x)), 1))
+
+
+class SPPBottleneck(nn.Module):
+    def __init__(self, cin, cout, ks=(5, 9, 13)):
+        super().__init__()
+        hidden = cin // 2
+        self.conv1 = BaseConv(cin, hidden, 1, 1)
+        self.m = nn.ModuleList([nn.MaxPool2d(k, 1, k // 2) for k in ks])
+        self.conv2 = BaseConv(hidden * (len(ks) + 1), cout, 1, 1)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        return self.conv2(torch.cat([x] + [m(x) for m in self.m], 1))
+
+
+class CSPDarknet(nn.Module):
+    def __init__(self, depth, width):
+        super().__init__()
+        c, d = int(width * 64), max(round(depth * 3), 1)
+        self.stem = Focus(3, c, 3)
+        self.dark2 = nn.Sequential(BaseConv(c, c * 2, 3, 2), CSPLayer(c * 2, c * 2, d))
+        self.dark3 = nn.Sequential(BaseConv(c * 2, c * 4, 3, 2), CSPLayer(c * 4, c * 4, d * 3))
+        self.dark4 = nn.Sequential(BaseConv(c * 4, c * 8, 3, 2), CSPLayer(c * 8, c * 8, d * 3))
+        self.dark5 = nn.Sequential(BaseConv(c * 8, c * 16, 3, 2), SPPBottleneck(c * 16, c * 16),
+                                   CSPLayer(c * 16, c * 16, d, shortcut=False))
+
+    def forward(self, x):
+        x = self.dark2(self.stem(x))
+        d3 = self.dark3(x)
+        d4 = self.dark4(d3)
+        return d3, d4, self.dark5(d4)
+
+
+class YOLOPAFPN(nn.Module):
+    def __init__(self, depth, width):
+        super().__init__()
+        self.backbone = CSPDarknet(depth, width)
+        c = [int(256 * width), int(512 * width), int(1024 * width)]
+        n = round(3 * depth)
+        self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
+        self.lateral_conv0 = BaseConv(c[2], c[1], 1, 1)
+        self.C3_p4 = CSPLayer(2 * c[1], c[1], n, False)
+        self.reduce_conv1 = BaseConv(c[1], c[0], 1, 1)
+        self.C3_p3 = CSPLayer(2 * c[0], c[0], n, False)
+        self.bu_conv2 = BaseConv(c[0], c[0], 3, 2)
+        self.C3_n3 = CSPLayer(2 * c[0], c[1], n, False)
+        self.bu_conv1 = BaseConv(c[1], c[1], 3, 2)
+        self.C3_n4 = CSPLayer(2 * c[1], c[2], n, False)
+
+    def forward(self, x):
+        x2, x1, x0 = self.backbone(x)
+        fpn_out0 = self.lateral_conv0(x0)
+        f_out0 = self.C3_p4(torch.cat([self.upsample(fpn_out0), x1], 1))
+        fpn_out1 = self.reduce_conv1(f_out0)
+        pan_out2 = self.C3_p3(torch.cat([self.upsample(fpn_out1), x2], 1))
+        pan_out1 = self.C3_n3(torch.cat([self.bu_conv2(pan_out2), fpn_out1], 1))
+        pan_out0 = self.C3_n4(torch.cat([self.bu_conv1(pan_out1), fpn_out0], 1))
+        return pan_out2, pan_out1, pan_out0
+
+
+class YOLOXHead(nn.Module):
+    def __init__(self, width, num_classes=80):
+        super().__init__()
+        hid = int(256 * width)
+        ins = [int(256 * width), int(512 * width), int(1024 * width)]
+        self.stems = nn.ModuleList([BaseConv(c, hid, 1, 1) for c in ins])
+        self.cls_convs = nn.ModuleList([nn.Sequential(BaseConv(hid, hid, 3, 1), BaseConv(hid, hid, 3, 1)) for _ in ins])
+        self.reg_convs = nn.ModuleList([nn.Sequential(BaseConv(hid, hid, 3, 1), BaseConv(hid, hid, 3, 1)) for _ in ins])
+        self.cls_preds = nn.ModuleList([nn.Conv2d(hid, num_classes, 1) for _ in ins])
+        self.reg_preds = nn.ModuleList([nn.Conv2d(hid, 4, 1) for _ in ins])
+        self.obj_preds = nn.ModuleList([nn.Conv2d(hid, 1, 1) for _ in ins])
+
+    def forward(self, feats):
+        outs = []
+        for k, x in enumerate(feats):
+            x = self.stems[k](x)
+            cls = self.cls_preds[k](self.cls_convs[k](x))
+            reg_feat = self.reg_convs[k](x)
+            reg, obj = self.reg_preds[k](reg_feat), self.obj_preds[k](reg_feat)
+            outs.append(torch.cat([reg, obj.sigmoid(), cls.sigmoid()], 1))
+        return torch.cat([o.flatten(start_dim=2) for o in outs], dim=2).permute(0, 2, 1)
+
+
+class YOLOX(nn.Module):
+    """yolox_l with depth=1.0, width=1.0; output (N, 8400, 85) raw (decode_in_inference=False)."""
+
+    def __init__(self, depth=1.0, width=1.0):
+        super().__init__()
+        self.backbone = YOLOPAFPN(depth, width)
+        self.head = YOLOXHead(width)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+# --------------------------------------------------------------------------- RTMPose (mmpose)
+
+
+class ConvModule(nn.Module):
+    def __init__(self, cin, cout, k, stride=1, groups=1, act=True):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.activate = nn.SiLU() if act else nn.Identity()
+
+    def forward(self, x):
+        return self.activate(self.bn(self.conv(x)))
+
+
+class DepthwiseSeparableConvModule(nn.Module):
+    def __init__(self, cin, cout, k):
+        super().__init__()
+        self.depthwise_conv = ConvModule(cin, cin, k, groups=cin)
+        self.pointwise_conv = ConvModule(cin, cout, 1)
+
+    def forward(self, x):
+        return self.pointwise_conv(self.depthwise_conv(x))
+
+
+class CSPNeXtBlock(nn.Module):
+    def __init__(self, cin, cout, add_identity=True):
+        super().__init__()
+        self.conv1 = ConvModule(cin, cout, 3)
+        self.conv2 = DepthwiseSeparableConvModule(cout, cout, 5)
+        self.add_identity = add_identity and cin == cout
+
+    def forward(self, x):
+        y = self.conv2(self.conv1(x))
+        return y + x if self.add_identity else y
+
+
+class ChannelAttention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.global_avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Conv2d(c, c, 1, bias=True)
+        self.act = nn.Hardsigmoid()
+
+    def forward(self, x):
+        return x * self.act(self.fc(self.global_avgpool(x)))
+
+
+class CSPNeXtLayer(nn.Module):
+    def __init__(self, cin, cout, n, add_identity=True):
+        super().__init__()
+        mid = int(cout * 0.5)
+        self.main_conv = ConvModule(cin, mid, 1)
+        self.short_conv = ConvModule(cin, mid, 1)
+        self.final_conv = ConvModule(2 * mid, cout, 1)
+        self.blocks = nn.Sequential(*[CSPNeXtBlock(mid, mid, add_identity) for _ in range(n)])
+        self.attention = ChannelAttention(2 * mid)
+
+    def forward(self, x):
+        y = torch.cat((self.blocks(self.main_conv(x)), self.short_conv(x)), 1)
+        return self.final_conv(self.attention(y))
+
+
+class SPPFBottleneck(nn.Module):
+    def __init__(self, cin, cout, ks=(5, 9, 13)):
+        super().__init__()
+        mid = cin // 2
+        self.conv1 = ConvModule(cin, mid, 1)
+        self.poolings = nn.ModuleList([nn.MaxPool2d(k, 1, k // 2) for k in ks])
+        self.conv2 = ConvModule(mid * (len(ks) + 1), cout, 1)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        return self.conv2(torch.cat([x] + [p(x) for p in self.poolings], 1))
+
+
+class CSPNeXt(nn.Module):
+    """mmdet CSPNeXt arch P5, out_indices=(4,)."""
+
+    def __init__(self, widen=1.0, deepen=1.0):
+        super().__init__()
+        arch = [[64, 128, 3, True, False], [128, 256, 6, True, False], [256, 512, 6, True, False],
+                [512, 1024, 3, False, True]]
+        c0 = int(arch[0][0] * widen)
+        self.stem = nn.Sequential(ConvModule(3, c0 // 2, 3, 2), ConvModule(c0 // 2, c0 // 2, 3),
+                                  ConvModule(c0 // 2, c0, 3))
+        for i, (cin, cout, n, add, spp) in enumerate(arch):
+            cin, cout, n = int(cin * widen), int(cout * widen), max(round(n * deepen), 1)
+            stage = [ConvModule(cin, cout, 3, 2)]
+            if spp:
+                stage.append(SPPFBottleneck(cout, cout))
+            stage.append(CSPNeXtLayer(cout, cout, n, add))
+            self.add_module(f"stage{i + 1}", nn.Sequential(*stage))
+
+    def forward(self, x):
+        x = self.stem(x)
+        for i in range(4):
+            x = getattr(self, f"stage{i + 1}")(x)
+        return x
+
+
+class ScaleNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.scale = dim ** -0.5
+        self.eps = eps
+        self.g = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        norm = torch.norm(x, dim=-1, keepdim=True) * self.scale
+        return x / norm.clamp(min=self.eps) * self.g
+
+
+class Scale(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class RTMCCBlock(nn.Module):
+    def __init__(self, num_token, dims, s=128, expansion=2):
+        super().__init__()
+        self.s, self.e = s, int(dims * expansion)
+        self.o = nn.Linear(self.e, dims, bias=False)
+        self.uv = nn.Linear(dims, 2 * self.e + s, bias=False)
+        self.gamma = nn.Parameter(torch.rand((2, s)))
+        self.beta = nn.Parameter(torch.rand((2, s)))
+        self.ln = ScaleNorm(dims)
+        self.act_fn = nn.SiLU()
+        self.res_scale = Scale(dims)
+        self.sqrt_s = math.sqrt(s)
+
+    def forward(self, x):
+        res = x
+        x = self.act_fn(self.uv(self.ln(x)))
+        u, v, base = torch.split(x, [self.e, self.e, self.s], dim=2)
+        base = base.unsqueeze(2) * self.gamma[None, None, :] + self.beta
+        q, k = torch.unbind(base, dim=2)
+        qk = torch.bmm(q, k.permute(0, 2, 1))
+        kernel = torch.square(F.relu(qk / self.sqrt_s))
+        x = self.o(u * torch.bmm(kernel, v))
+        return self.res_scale(res) + x
+
+
+class RTMCCHead(nn.Module):
+    def __init__(self, cin, k=133, input_size=(288, 384), split=2.0, hidden=256):
+        super().__init__()
+        fw, fh = input_size[0] // 32, input_size[1] // 32
+        self.final_layer = nn.Conv2d(cin, k, 7, padding=3)
+        self.mlp = nn.Sequential(ScaleNorm(fw * fh), nn.Linear(fw * fh, hidden, bias=False))
+        self.gau = RTMCCBlock(k, hidden)
+        self.cls_x = nn.Linear(hidden, int(input_size[0] * split), bias=False)
+        self.cls_y = nn.Linear(hidden, int(input_size[1] * split), bias=False)
+
+    def forward(self, x):
+        x = self.final_layer(x).flatten(2)
+        x = self.gau(self.mlp(x))
+        return self.cls_x(x), self.cls_y(x)
+
+
+class RTMPose(nn.Module):
+    """dw-ll_ucoco_384: (N, 3, 384, 288) normalised -> simcc_x (N, 133, 576), simcc_y (N, 133, 768)."""
+
+    def __init__(self, widen=1.0, deepen=1.0, input_size=(288, 384)):
+        super().__init__()
+        self.backbone = CSPNeXt(widen, deepen)
+        self.head = RTMCCHead(int(1024 * widen), input_size=input_size)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+# --------------------------------------------------------------------------- weights and files
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights with a variance that keeps activations O(1) through the depth; BN statistics
+    random too (they are folded into the convs at export, so they must not be identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (1.6 / fan_in) ** 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(1 + 0.2 * torch.rand(m.running_var.shape, generator=g))
+            elif isinstance(m, RTMCCBlock):
+                m.gamma.copy_(torch.rand(m.gamma.shape, generator=g))
+                m.beta.copy_(torch.rand(m.beta.shape, generator=g))
+    return model.eval()
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path, input_name: str, output_names: list[str],
+                opset: int = 11) -> None:
+    """torch.onnx.export with the TorchScript exporter (what mmdeploy and YOLOX's tools used),
+    batch norm folded (eval mode + constant folding), a dynamic batch axis."""
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated: it is what made the real files
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example,), str(path), input_names=[input_name], output_names=output_names, opset_version=opset,
+            do_constant_folding=True, dynamo=False,
+            dynamic_axes={input_name: {0: "batch"}, **{o: {0: "batch"} for o in output_names}},
+        )
