@@ -362,6 +362,20 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+def random_yolox(width=0.25, depth=0.33, seed=1) -> YOLOX:
+    """A random YOLOX whose boxes are person-sized (box offsets and log-sizes near 0, i.e. boxes of
+    about one stride cell... to a few) and whose scores spread around the 0.1 / 0.3 thresholds."""
+    model = randomize(YOLOX(depth, width), seed)
+    with torch.no_grad():
+        for conv in model.head.reg_preds:
+            conv.weight.mul_(0.03)
+            conv.bias.copy_(torch.tensor([0.0, 0.0, 2.0, 2.5]))
+        for conv in list(model.head.obj_preds) + list(model.head.cls_preds):
+            conv.weight.mul_(0.06)
+            conv.bias.fill_(-2.3)
+    return model
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, path, input_name: str, output_names: list[str],
                 opset: int = 11) -> None:
     """torch.onnx.export with the TorchScript exporter (what mmdeploy and YOLOX's tools used),

@@ -1,0 +1,198 @@
+"""The dwpose method: its steps against hand-computed values, the whole method on random-weight
+files in the real formats, bad input, and (with AUX_PATH pointing at a comfyui_controlnet_aux
+checkout) the whole picture and keypoints against Aux's own DWPose code on onnxruntime."""
+
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np
+import pytest
+import torch
+
+import helpers_pose as H
+from comfyui_controlnet_core import preprocessors as pp
+from comfyui_controlnet_core.preprocessors.nets import dwpose as D
+from comfyui_controlnet_core.preprocessors.nets import pose_draw as PD
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """yolox_l.onnx + dw-ll_ucoco_384.onnx (random weights, narrow, real topology) in one folder."""
+    folder = tmp_path_factory.mktemp("DWPose")
+    H.export_onnx(H.random_yolox(), torch.rand(1, 3, 640, 640) * 255, folder / "yolox_l.onnx", "images", ["output"])
+    H.export_onnx(H.randomize(H.RTMPose(0.25, 0.33), seed=2), torch.randn(1, 3, 384, 288),
+                  folder / "dw-ll_ucoco_384.onnx", "input", ["simcc_x", "simcc_y"])
+    return folder
+
+
+def _image(seed=0, h=480, w=640, n=None):
+    shape = (h, w, 3) if n is None else (n, h, w, 3)
+    return np.random.default_rng(seed).uniform(0, 1, shape).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- steps, by hand
+
+
+def test_person_boxes_decode_and_nms_by_hand():
+    pred = np.zeros((8400, 85), np.float32)
+    # cell (x=10, y=20) of the stride-8 grid (80 x 80): centre (10.5 * 8, 20.5 * 8) with offsets 0.5
+    i = 20 * 80 + 10
+    pred[i, :4] = [0.5, 0.5, math.log(4.0), math.log(8.0)]  # w = 4 * 8 = 32, h = 8 * 8 = 64
+    pred[i, 4], pred[i, 5] = 0.9, 0.9  # score 0.81
+    pred[i + 1, :4] = [0.5, 0.5, math.log(4.0), math.log(8.0)]  # one cell right: IoU 24/40 > 0.45
+    pred[i + 1, 4], pred[i + 1, 5] = 0.8, 0.8
+    j = 6400 + 5 * 40 + 30  # stride 16 grid (40 x 40), cell (30, 5): far away, score 0.25 < 0.3
+    pred[j, :4] = [0.0, 0.0, 0.0, 0.0]
+    pred[j, 4], pred[j, 5] = 0.5, 0.5
+    pred[i + 2, 4], pred[i + 2, 6] = 0.99, 0.99  # another class: not a person
+    boxes = D.person_boxes(pred, ratio=0.5)
+    cx, cy = 10.5 * 8, 20.5 * 8
+    want = np.array([[cx - 16, cy - 32, cx + 16, cy + 32]]) / 0.5
+    np.testing.assert_allclose(boxes, want, rtol=1e-6)
+    assert boxes.dtype == np.float64
+
+
+def test_keypoint_back_projection_by_hand():
+    # box 100..200 x 50..250: centre (150, 150), padded 1.25x -> 125 x 250, widened to 288:384 ->
+    # 187.5 x 250. A SimCC peak at bin 288 (of 576) is crop x 144 = the centre; bin 0 the left edge.
+    simcc_x = np.zeros((1, 133, 576), np.float32)
+    simcc_y = np.zeros((1, 133, 768), np.float32)
+    simcc_x[0, :, 288] = 0.9
+    simcc_y[0, :, 384] = 0.8
+    simcc_x[0, 1, :] = 0
+    simcc_x[0, 1, 0] = 0.7
+    locs, scores = D.simcc_decode(simcc_x, simcc_y)
+    np.testing.assert_allclose(scores[0, :3], [0.8, 0.7, 0.8])
+    _, centers, scales = D.crops(np.zeros((300, 300, 3), np.uint8), np.array([[100.0, 50.0, 200.0, 250.0]]))
+    np.testing.assert_allclose(centers[0], [150, 150])
+    np.testing.assert_allclose(scales[0], [187.5, 250])
+    kp = locs[0] / np.array([288, 384]) * scales[0] + centers[0] - scales[0] / 2
+    np.testing.assert_allclose(kp[0], [150, 150])
+    np.testing.assert_allclose(kp[1], [150 - 93.75, 150])
+
+
+def test_crop_is_the_box_region():
+    # a white square exactly in the padded box's centre ends up in the crop's centre
+    img = np.zeros((400, 400, 3), np.uint8)
+    img[190:210, 190:210] = 255
+    patches, _, _ = D.crops(img, np.array([[150.0, 100.0, 250.0, 300.0]]))
+    crop = patches[0] * D.STD + D.MEAN  # back to 0..255
+    ys, xs = np.nonzero(crop[..., 0] > 127)
+    assert abs(xs.mean() - 144) < 1 and abs(ys.mean() - 192) < 1
+
+
+def test_openpose_mapping_by_hand():
+    kp = np.zeros((1, 133, 2), np.float32)
+    kp[0, :, 0] = np.arange(133)
+    sc = np.full((1, 133), 0.9, np.float32)
+    sc[0, 0] = 0.1  # the nose is not found
+    (pose,) = D.to_openpose(kp, sc)
+    assert pose.body[0] is None  # OpenPose 0 = nose = COCO 0
+    assert pose.body[1].x == pytest.approx((5 + 6) / 2)  # the neck: mean of the shoulders
+    assert [pose.body[k].x for k in (2, 5, 8, 11, 14, 15, 16, 17)] == [6, 5, 12, 11, 2, 1, 4, 3]
+    assert pose.left_hand[0].x == 91 and pose.right_hand[0].x == 112 and len(pose.right_hand) == 21
+    assert len(pose.face) == 70 and pose.face[0].x == 23 and pose.face[68] is pose.body[14]
+
+
+def test_drawing_colours_and_sizes_by_hand():
+    # neck (1) to right shoulder (2): limb 0, colour (255, 0, 0) x 0.6; the joints in full colour
+    body = [None] * 18
+    body[1], body[2] = PD.Keypoint(100, 100), PD.Keypoint(160, 100)
+    hand = [None] * 21
+    hand[0], hand[1] = PD.Keypoint(50, 200), PD.Keypoint(90, 200)
+    face = [PD.Keypoint(150, 250)] + [None] * 69
+    canvas = PD.draw_poses([PD.Pose(body, hand, None, face)], 300, 300)
+    assert tuple(canvas[100, 130]) == (153, 0, 0)  # the stick's middle
+    assert tuple(canvas[100, 100]) == COLORS_1 and tuple(canvas[100, 160]) == (255, 170, 0)
+    assert tuple(canvas[104, 130]) != (0, 0, 0) and tuple(canvas[106, 130]) == (0, 0, 0)  # half-width 4
+    assert tuple(canvas[200, 70]) == (255, 0, 0)  # hand edge 0: hsv(0) = red, 2 px line
+    assert tuple(canvas[200, 50]) == (0, 0, 255)  # hand joints are blue
+    assert tuple(canvas[250, 150]) == (255, 255, 255) and tuple(canvas[254, 150]) == (0, 0, 0)  # face: r 3
+    off = PD.draw_poses([PD.Pose(body, hand, None, face)], 300, 300, body=False, hands=False)
+    assert off[100].max() == 0 and off[200].max() == 0 and tuple(off[250, 150]) == (255, 255, 255)
+
+
+COLORS_1 = (255, 85, 0)  # OpenPose colour of joint 1 (the neck)
+
+
+def test_resize_to_resolution_like_aux():
+    canvas = np.zeros((480, 640, 3), np.uint8)
+    assert PD.to_resolution(canvas, 512).shape == (512, 683, 3)  # round(640 * 512 / 480) = 683
+    assert PD.to_resolution(canvas, 240).shape == (240, 320, 3)
+
+
+# ----------------------------------------------------------------------------- the whole method
+
+
+def test_method_on_real_format_files(files):
+    img = _image()
+    data = []
+    out = pp.run("dwpose", img, resolution=512, weights_path=files / "dw-ll_ucoco_384.onnx", data_out=data)
+    assert out.shape == (1, 480, 640, 3) and out.dtype == np.float32
+    (frame,) = data
+    assert frame["canvas_height"] == 480 and frame["canvas_width"] == 640
+    assert len(frame["people"]) >= 2  # the random detector finds a few "people"
+    person = frame["people"][0]
+    assert len(person["pose_keypoints_2d"]) == 18 * 3
+    assert out.max() > 0.5  # something was drawn
+    # the picture is the keypoints drawn at the input size, resized to 512 and back
+    model = D.load(files / "dw-ll_ucoco_384.onnx")
+    poses = model.detect(D.to_uint8(img))
+    canvas = PD.draw_poses(poses, 480, 640)
+    small = PD.to_resolution(canvas, 512).astype(np.float32) / 255
+    from comfyui_controlnet_core.preprocessors.image import resize
+
+    np.testing.assert_array_equal(out, resize(small[None], 480, 640, grow="linear"))
+
+
+def test_batch_equals_frames_and_toggles(files):
+    imgs = _image(n=2, h=200, w=160)
+    w = files / "dw-ll_ucoco_384.onnx"
+    data = []
+    both = pp.run("dwpose", imgs, resolution=256, weights_path=w, data_out=data)
+    one = pp.run("dwpose", imgs[1], resolution=256, weights_path=w)
+    np.testing.assert_array_equal(both[1], one[0])
+    assert len(data) == 2
+    data_off = []
+    pp.run("dwpose", imgs[:1], resolution=256, weights_path=w, detect_body=False, detect_hand=False,
+           detect_face=False, data_out=data_off)
+    person = data_off[0]["people"][0]
+    assert person["pose_keypoints_2d"] == [0.0] * 54
+    assert person["hand_left_keypoints_2d"] is None and person["face_keypoints_2d"] is None
+
+
+def test_no_person_is_a_black_hint(files, tmp_path):
+    # a detector that scores nothing above the threshold: no boxes, a black picture, no people
+    model = H.random_yolox()
+    with torch.no_grad():
+        for conv in model.head.obj_preds:
+            conv.bias.fill_(-30.0)
+    (tmp_path / "dw-ll_ucoco_384.onnx").write_bytes((files / "dw-ll_ucoco_384.onnx").read_bytes())
+    H.export_onnx(model, torch.rand(1, 3, 640, 640) * 255, tmp_path / "yolox_l.onnx", "images", ["output"])
+    data = []
+    out = pp.run("dwpose", _image(), resolution=512, weights_path=tmp_path / "dw-ll_ucoco_384.onnx", data_out=data)
+    assert out.max() == 0 and data[0]["people"] == []
+
+
+@pytest.mark.parametrize("h, w", [(8, 8), (8, 2000), (1500, 1200)])
+def test_odd_sizes(files, h, w):
+    out = pp.run("dwpose", _image(h=h, w=w), resolution=64, weights_path=files / "dw-ll_ucoco_384.onnx")
+    assert out.shape == (1, h, w, 3) and np.isfinite(out).all()
+
+
+def test_missing_detector_and_wrong_files_are_sentences(files, tmp_path):
+    lone = tmp_path / "dw-ll_ucoco_384.onnx"
+    lone.write_bytes((files / "dw-ll_ucoco_384.onnx").read_bytes())
+    with pytest.raises(pp.PreprocessorError, match="yolox_l.onnx .*huggingface.co/yzd-v/DWPose.*same folder"):
+        pp.run("dwpose", _image(), weights_path=lone)
+    # the two files swapped: the "pose model" is the detector
+    swap = tmp_path / "swap"
+    swap.mkdir()
+    (swap / "dw-ll_ucoco_384.onnx").write_bytes((files / "yolox_l.onnx").read_bytes())
+    (swap / "yolox_l.onnx").write_bytes((files / "yolox_l.onnx").read_bytes())
+    with pytest.raises(pp.PreprocessorError, match="not a DWPose whole-body model"):
+        pp.run("dwpose", _image(), weights_path=swap / "dw-ll_ucoco_384.onnx")
