@@ -27,6 +27,9 @@ else:
             from .nodes import routes as _routes
 
             _routes.register()
+            from .nodes import adapter as _adapter
+
+            _adapter.setup_annotators()  # models/annotators exists for ComfyUI from start-up
         except Exception as _e:  # pragma: no cover - depends on the host
             logging.getLogger(__name__).error(
                 "ComfyUI ControlNet Core: the preview and model-info routes are off (%s: %s)", type(_e).__name__, _e

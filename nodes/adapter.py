@@ -7,6 +7,8 @@ always inside functions, so `import comfyui_controlnet_core` works without Comfy
                         held by a `ModelPatcher`, so ComfyUI loads/offloads them with the UNet,
                         counts their memory and can load them partially (--lowvram).
 * `apply_control(...)`  what CNCore_ApplyControlNet does (see its docstring).
+* `setup_annotators()`  the network preprocessors' file folders (`models/annotators`, Aux's ckpts,
+                        `models/depthanything`) and device host (ComfyUI's model management).
 * for the front end (`routes.py`): `model_info(name)` (the loader's label, from the file header),
   `resolve_image_path(...)` (an image in ComfyUI's input/output/temp folders, as /view reads it),
   `remember_input` / `last_input` (the Preprocessor's input of the last run, for the preview), and
@@ -167,6 +169,74 @@ def model_info(name: Any) -> dict:
         label += " · not run by this pack"
     return {"name": name, "family": family, "arch": info.arch, "arch_label": arch, "layout": info.layout,
             "supported": info.supported, "size_bytes": info.size_bytes, "label": label}
+
+
+# ------------------------------------------------------------------------------------------
+# annotator networks (preprocessors/nets): where their files are, where they run
+
+ANNOTATORS = "annotators"
+DEPTHANYTHING = "depthanything"  # ComfyUI-DepthAnythingV2's folder (kijai's safetensors)
+_annotators_ready = False
+
+
+def annotator_roots() -> list[str]:
+    """The folders the network preprocessors search for weight files, in order: ComfyUI's
+    `annotators` folders (models/annotators and `extra_model_paths.yaml` key `annotators`), Aux's
+    ckpts tree (comfyui_controlnet_aux in a custom_nodes folder), models/depthanything."""
+    import folder_paths
+
+    from ..preprocessors.nets.files import aux_ckpts_roots
+
+    roots = list(folder_paths.get_folder_paths(ANNOTATORS))
+    try:
+        custom = folder_paths.get_folder_paths("custom_nodes")
+    except KeyError:
+        custom = []
+    roots += [str(p) for p in aux_ckpts_roots(custom)]
+    roots.append(os.path.join(folder_paths.models_dir, DEPTHANYTHING))
+    if DEPTHANYTHING in folder_paths.folder_names_and_paths:
+        roots += folder_paths.get_folder_paths(DEPTHANYTHING)
+    return roots
+
+
+class AnnotatorHost:
+    """Annotator networks under ComfyUI's model management: each in a ModelPatcher (load device =
+    ComfyUI's torch device, offload device = its offload device), loaded by `load_models_gpu` before
+    each use, so it takes the GPU when there is one, is counted and offloaded with the other models,
+    and /free unloads it."""
+
+    def adopt(self, net: Any) -> None:
+        import comfy.model_management as mm
+        import comfy.model_patcher
+
+        offload = mm.unet_offload_device()
+        net.module.to(offload)
+        net.handle = comfy.model_patcher.ModelPatcher(net.module, load_device=mm.get_torch_device(),
+                                                      offload_device=offload)
+
+    def device(self, net: Any) -> torch.device:
+        import comfy.model_management as mm
+
+        mm.load_models_gpu([net.handle])
+        return torch.device(net.handle.load_device)
+
+
+def setup_annotators() -> None:
+    """Register the `annotators` model folder with ComfyUI and give the network preprocessors their
+    file search folders and device host. Idempotent; without ComfyUI, nothing happens."""
+    global _annotators_ready
+    if _annotators_ready:
+        return
+    try:
+        import folder_paths
+    except ImportError:
+        return
+    folder_paths.add_model_folder_path(ANNOTATORS, os.path.join(folder_paths.models_dir, ANNOTATORS))
+    from ..preprocessors.nets import files, host
+
+    files.set_roots_provider(lambda: [p for p in annotator_roots()])
+    host.set_host(AnnotatorHost())
+    _annotators_ready = True
 
 
 # ------------------------------------------------------------------------------------------
@@ -517,5 +587,5 @@ def stack_entry(control_net: Any, image: Any, strength: float, start_percent: fl
 __all__ = [
     "NetHolder", "apply_control", "check_conditioning", "check_model_name", "control_class", "controlnet_names",
     "file_signature", "is_core_control", "last_input", "load_control", "model_info", "progress_reporter",
-    "remember_input", "resolve_image_path", "resolve_model_path", "stack_entry",
+    "remember_input", "resolve_image_path", "resolve_model_path", "setup_annotators", "stack_entry",
 ]

@@ -133,7 +133,7 @@ class Preprocessor:
     CATEGORY = CATEGORY
 
     def run(self, image: torch.Tensor, method: str, resolution: int, pixel_perfect: bool,
-            mask: torch.Tensor | None = None, latent: dict | None = None, **params: Any) -> tuple[torch.Tensor]:
+            mask: torch.Tensor | None = None, latent: dict | None = None, **params: Any) -> tuple | dict:
         from .. import preprocessors as pp
 
         target = None
@@ -150,11 +150,20 @@ class Preprocessor:
         frames = image.detach().cpu().float().numpy()
         mask_np = None if mask is None else mask.detach().cpu().float().numpy()
         adapter.remember_input(frames, mask_np, target)  # for the front end's preview of later edits
+        weights = None
+        if pp.get_method(method).load_weights is not None:  # a network: found by name, said which file
+            adapter.setup_annotators()
+            weights = pp.weights_file(method, params)
         out = pp.run(
             method, frames, resolution=resolution, pixel_perfect=pixel_perfect, target_hw=target, mask=mask_np,
-            progress=adapter.progress_reporter(image.shape[0]) if image.shape[0] > 1 else None, **params,
+            progress=adapter.progress_reporter(image.shape[0]) if image.shape[0] > 1 else None,
+            weights_path=weights, **params,
         )
-        return (torch.from_numpy(out).to(image.device),)
+        hint = torch.from_numpy(out).to(image.device)
+        if weights is None:
+            return (hint,)
+        # The UI part shows under the node which weights file made the hint (web/preprocessor.js).
+        return {"ui": {"cncore_weights": [str(weights)]}, "result": (hint,)}
 
 
 class ApplyControlNet:

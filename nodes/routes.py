@@ -10,19 +10,21 @@ Inside ComfyUI, `register()` adds them to `PromptServer.instance.routes` (ComfyU
 folders is read.
 
 Preview request (JSON object):
-    method        a preprocessor name (the weight-free CPU ones: all of today's)
+    method        a preprocessor name (network methods find their weights file as the node does)
     params        {widget name: value} as the node holds them (validated like the node's)
     resolution, pixel_perfect, target_hw ([height, width] of the generated image, for pixel_perfect)
     image         {"filename", "subfolder", "type"} as ComfyUI's /view names a file (Load Image's value)
     mask          optional, same form: the MASK a Load Image node makes of that file (1 - alpha)
     last_run      instead of image/mask: a Preprocessor node id; uses what that node got on its last run
-Answer: the hint as PNG (inpaint's -1 sentinel drawn magenta), or a 4xx JSON {"error": sentence}.
+Answer: the hint as PNG (inpaint's -1 sentinel drawn magenta; header X-CNCore-Weights: the weights
+file a network method used), or a 4xx JSON {"error": sentence}.
 
 Bounds: images over MAX_INPUT_SIDE px on a side or MAX_INPUT_PIXELS in all are refused (413) before
 their pixels are decoded; larger than PREVIEW_SIDE px are shrunk (area) to it first, so at or below
 that size the preview is exactly the node's hint; the working resolution is capped at MAX_RESOLUTION.
 Previews run one at a time on a worker thread (never on the event loop, so ComfyUI's queue and
-websocket keep going) and answer 504 after PREVIEW_TIMEOUT_S.
+websocket keep going) and answer 504 after PREVIEW_TIMEOUT_S; with MAX_WAITING previews already
+waiting, a further one is answered 429 at once (memory stays bounded under a burst of edits).
 """
 
 from __future__ import annotations
@@ -55,7 +57,12 @@ PREVIEW_TIMEOUT_S = 30.0
 MAX_REQUEST_BYTES = 64 * 1024
 SENTINEL_RGB = (255, 0, 255)  # how inpaint's masked pixels (exactly -1) are drawn
 
+WEIGHTS_HEADER = "X-CNCore-Weights"
+# Previews waiting for the one preview thread (networks take seconds on a CPU); more get a 429.
+MAX_WAITING = 4
+
 _pool: ThreadPoolExecutor | None = None
+_waiting = 0
 
 
 def _preview_pool() -> ThreadPoolExecutor:
@@ -108,9 +115,6 @@ def parse_preview(body: Any) -> PreviewJob:
         m = pp.get_method(method)
     except pp.PreprocessorError as e:
         raise RequestError(400, str(e)) from None
-    if m.load_weights is not None:
-        raise RequestError(400, f"the preview runs only the preprocessors that need no weights; queue the workflow "
-                                f"to see {method}")
     params = body.get("params", {})
     if not isinstance(params, dict):
         raise RequestError(400, "params must be an object of widget names and values")
@@ -196,12 +200,16 @@ def _inputs(job: PreviewJob) -> tuple[np.ndarray, np.ndarray | None, tuple[int, 
     return image, mask, job.target_hw
 
 
-def render(job: PreviewJob) -> bytes:
-    """The PNG of the hint (runs on the preview thread)."""
+def render(job: PreviewJob) -> tuple[bytes, str | None]:
+    """(the PNG of the hint, the weights file a network method used or None); on the preview thread."""
     from PIL import Image
 
     image, mask, target = _inputs(job)
     m = pp.get_method(job.method)
+    weights = None
+    if m.load_weights is not None:  # found by name as the node finds it; the answer says which file
+        adapter.setup_annotators()
+        weights = pp.weights_file(m, job.params)
     resolution = job.resolution
     if job.pixel_perfect and not m.native_size:
         if target is None:
@@ -213,12 +221,12 @@ def render(job: PreviewJob) -> bytes:
     if m.needs_mask and mask is None:
         raise RequestError(400, f"{job.method} needs a mask: connect the MASK of the same Load Image node to the "
                                 "preprocessor's mask input, or run the workflow once")
-    hint = pp.run(job.method, image, resolution=resolution, mask=mask, **job.params)[0]
+    hint = pp.run(job.method, image, resolution=resolution, mask=mask, weights_path=weights, **job.params)[0]
     rgb = ppimage.to_uint8(np.clip(hint, 0.0, 1.0))
     rgb[np.all(hint < -0.5, axis=-1)] = SENTINEL_RGB
     buf = io.BytesIO()
     Image.fromarray(rgb, "RGB").save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    return buf.getvalue(), None if weights is None else str(weights)
 
 
 async def _read_body(request: web.Request) -> bytes:
@@ -243,8 +251,17 @@ async def preview(request: web.Request) -> web.Response:
         except ValueError:
             raise RequestError(400, "the preview request is not JSON; send a JSON object") from None
         job = parse_preview(body)
-        loop = asyncio.get_running_loop()
-        png = await asyncio.wait_for(loop.run_in_executor(_preview_pool(), render, job), PREVIEW_TIMEOUT_S)
+        global _waiting
+        if _waiting >= MAX_WAITING:
+            raise RequestError(429, f"{_waiting} previews are already waiting; the preview of this change comes when "
+                                    "they are done (try again in a moment)")
+        _waiting += 1
+        try:
+            loop = asyncio.get_running_loop()
+            png, weights = await asyncio.wait_for(loop.run_in_executor(_preview_pool(), render, job),
+                                                  PREVIEW_TIMEOUT_S)
+        finally:
+            _waiting -= 1
     except RequestError as e:
         return _error(e.status, str(e))
     except asyncio.TimeoutError:
@@ -257,7 +274,10 @@ async def preview(request: web.Request) -> web.Response:
     except Exception as e:  # a bug of ours: say so in the node, keep the server going
         log.exception("CNCore preview failed")
         return _error(500, f"the preview failed ({type(e).__name__}: {e}); queue the workflow to see the hint")
-    return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "no-store"})
+    headers = {"Cache-Control": "no-store"}
+    if weights is not None:  # which file a network method used (the node shows it under the preview)
+        headers[WEIGHTS_HEADER] = weights.encode("ascii", "backslashreplace").decode("ascii")
+    return web.Response(body=png, content_type="image/png", headers=headers)
 
 
 # ------------------------------------------------------------------------------------------

@@ -30,19 +30,35 @@ A method with `Method.returns_data` returns `(hint, data)` per frame, `data` a J
 pose methods: the keypoints in the OpenPose JSON layout, see nets/pose_draw.py). `run(...,
 data_out=[])` fills the list with one entry per frame (None for methods without data).
 
-Methods that need weights (a later addition; none today)
--------------------------------------------------------
-This package never downloads anything. A method that needs a model sets `Method.load_weights`, a
-function `Path -> model` (it may import torch or onnxruntime *inside* itself, so importing this
-package stays numpy-only), and documents in `Method.weights_doc` which file the user must fetch
-themselves. `run(..., weights_path=...)` then loads the file once (cached by path, size and mtime)
-and calls `fn(frame, model=model, **params)`; without `weights_path`, or with a missing file, it
-raises a PreprocessorError that quotes `weights_doc`. New methods are added with `register(...)`.
+Methods that need weights (network annotators: preprocessors/nets/)
+-------------------------------------------------------------------
+This package never downloads anything. A method that needs a model sets:
+
+* `Method.load_weights`: `Path -> model`, the network built from that file (it imports torch
+  *inside* itself, so importing this package stays numpy-only). A torch `nn.Module` it returns is
+  handed to the host (`nets.host`: ComfyUI's model management inside ComfyUI, so the net runs on
+  the GPU when there is one and is offloaded like other models; the CPU elsewhere) and reaches `fn`
+  as a `nets.Net` (`net.module`, `net.device()` loads it and says where it runs).
+* `Method.weights`: the default file(s), so the node needs no path widget: a `Weights(files=(...),
+  source=...)` (accepted file names, preferred first, and the public repository they come from), or
+  a function `params -> Weights` when the file depends on a parameter (e.g. the model size). `run`
+  looks the file up by name with `nets.find_weights` (ComfyUI's models/annotators, Aux's ckpts,
+  models/depthanything, subfolders included; see nets/files.py); a missing file is a sentence
+  naming the file, its source and the folder to put it in. `weights_path=` overrides the search.
+* `Method.weights_doc`: one line for the README / tooltips: which file(s) and where they come from.
+
+The model is built once per file and loader (cached by path, size and mtime: a replaced file is
+built anew, the stale one dropped) and shared by every method with the same `load_weights`.
+`fn(frame, model=model, **params)` is then called; frames of a network method run one after another
+(the network uses the threads / the GPU itself). `weights_file(method, params)` says which file a
+method would use (the node and the preview show it). New methods are APPENDED with `register(...)`.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +80,15 @@ from .image import (
 )
 
 KINDS = ("int", "float", "bool", "choice")
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The default weights file of a network method: accepted file names (preferred first; the first
+    one found anywhere wins) and the public repository they come from (named when none is found)."""
+
+    files: tuple[str, ...]
+    source: str
 
 
 @dataclass(frozen=True)
@@ -158,7 +183,7 @@ class Method:
     native_size: works at the input size (pixel-wise); `resolution` / `pixel_perfect` are ignored.
     full_frame: fn gets the frame at the input size plus `resolution=`; returns a hint of any size.
     returns_data: fn returns (hint, data dict); see the module docstring.
-    load_weights / weights_doc: see the module docstring; None for methods that need no weights.
+    load_weights / weights_doc / weights: see the module docstring; None for methods without weights.
     """
 
     name: str
@@ -173,6 +198,7 @@ class Method:
     returns_data: bool = False
     load_weights: Callable[[Path], Any] | None = None
     weights_doc: str = ""
+    weights: "Weights | Callable[[dict[str, Any]], Weights] | None" = None
 
     def __post_init__(self):
         unknown = [p for p in self.params if p not in _PARAM_BY_NAME]
@@ -215,6 +241,34 @@ def get_method(name: str) -> Method:
 
 
 _weights_cache: dict[tuple, Any] = {}
+_weights_lock = threading.Lock()
+
+
+def _weights_spec(method: Method, params: dict[str, Any]) -> Weights | None:
+    spec = method.weights
+    return spec(params) if callable(spec) else spec
+
+
+def weights_file(method: str | Method, params: dict[str, Any] | None = None, weights_path=None) -> Path | None:
+    """The weights file `run` would use for this method and these parameters: `weights_path` when
+    given, else the method's default file found by name; None for a method without weights.
+    A missing file raises the PreprocessorError `run` would raise."""
+    m = method if isinstance(method, Method) else get_method(method)
+    if m.load_weights is None:
+        return None
+    if weights_path is not None and str(weights_path) != "":
+        return Path(os.fspath(weights_path)).expanduser()
+    kw = {name: _PARAM_BY_NAME[name].check(params[name], m.name) if params and name in params
+          else _PARAM_BY_NAME[name].default for name in m.params}
+    spec = _weights_spec(m, kw)
+    if spec is None:
+        raise PreprocessorError(
+            f"{m.name} needs a weights file that you provide (nothing is downloaded): "
+            f"{m.weights_doc or 'see the method documentation'}; pass its path as weights_path"
+        )
+    from .nets.files import find_weights
+
+    return find_weights(spec.files, source=spec.source)
 
 
 def _model_for(method: Method, weights_path) -> Any:
@@ -229,12 +283,26 @@ def _model_for(method: Method, weights_path) -> Any:
             f"{method.name}: weights file {str(path)!r} does not exist; {method.weights_doc}"
         )
     st = path.stat()
-    key = (method.name, str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _weights_cache:
-        for k in [k for k in _weights_cache if k[:2] == key[:2]]:
-            del _weights_cache[k]  # the file changed: drop the stale model
-        _weights_cache[key] = method.load_weights(path)
-    return _weights_cache[key]
+    # Keyed by the loader, not the method: methods reading the same file with the same loader (a
+    # net and its "scribble" variant) share one network.
+    key = (method.load_weights, str(path.resolve()), st.st_size, st.st_mtime_ns)
+    with _weights_lock:  # the node and the preview thread may ask at once: build once
+        if key not in _weights_cache:
+            for k in [k for k in _weights_cache if k[:2] == key[:2]]:
+                del _weights_cache[k]  # the file changed: drop the stale model
+            model = method.load_weights(path)
+            if "torch" in sys.modules:  # a torch network goes to the host (device, offloading)
+                from .nets.host import adopt
+
+                model = adopt(model, f"{method.name} ({path.name})")
+            _weights_cache[key] = model
+        return _weights_cache[key]
+
+
+def clear_models() -> None:
+    """Forget every cached network (they are rebuilt from their files when next used)."""
+    with _weights_lock:
+        _weights_cache.clear()
 
 
 def _as_rgb(out: np.ndarray, shape: tuple, name: str) -> np.ndarray:
@@ -286,7 +354,7 @@ def run(
     if m.needs_mask:
         kw["mask"] = to_mask_batch(mask, n, h, w)
     if m.load_weights is not None:
-        kw["model"] = _model_for(m, weights_path)
+        kw["model"] = _model_for(m, weights_file(m, kw, weights_path))
 
     if m.native_size:
         wh, ww = h, w
@@ -333,7 +401,7 @@ def run(
         out[i] = resize(_as_rgb(r, shape, m.name), h, w, grow="linear")
 
     report = progress or (lambda done, total: None)
-    workers = 1 if m.load_weights is not None else min(n, _threads())  # a network uses the threads itself
+    workers = 1 if m.load_weights is not None else min(n, _threads())
     if workers <= 1:
         for i in range(n):
             one(i)
@@ -429,29 +497,33 @@ _builtin(
 
 
 # ------------------------------------------------------------------------------------------
-# pose (issue 22; preprocessors/nets/dwpose.py): torch is imported when the method first runs.
+# network annotators (preprocessors/nets/): torch is imported when one first runs, not here.
+# Appended after the weight-free methods, in the order they were added (saved workflows store the
+# method by name, the list order is what the node's menu shows).
 
-def _dwpose_load(path: Path) -> Any:
-    from .nets import dwpose
+def _net(module: str, attr: str) -> Callable[..., Any]:
+    """`preprocessors.nets.<module>.<attr>`, imported on first call (keeps this module torch-free)."""
+    def call(*args, **kwargs):
+        import importlib
 
-    return dwpose.load(path)
+        return getattr(importlib.import_module(f"{__package__}.nets.{module}"), attr)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = f"{module}.{attr}"
+    return call
 
 
-def _dwpose(frame: np.ndarray, *, model: Any, resolution: int, detect_body: bool, detect_hand: bool,
-            detect_face: bool, scale_stick_for_xinsr_cn: bool) -> tuple[np.ndarray, dict]:
-    from .nets import dwpose
 
-    return dwpose.dwpose_frame(frame, model=model, resolution=resolution, body=detect_body, hands=detect_hand,
-                               face=detect_face, xinsr_sticks=scale_stick_for_xinsr_cn)
-
+# ------------------------------------------------------------------------------------------
+# pose (issue 22): preprocessors/nets/dwpose.py (and openpose.py), drawing/JSON in nets/pose_draw.py
 
 _builtin(
-    "dwpose", _dwpose, ("detect_body", "detect_hand", "detect_face", "scale_stick_for_xinsr_cn"),
+    "dwpose", _net("dwpose", "method"), ("detect_body", "detect_hand", "detect_face", "scale_stick_for_xinsr_cn"),
     "control_v11p_sd15_openpose, control_sd15_openpose, t2iadapter_openpose, SDXL openpose ControlNets "
     "(xinsir: scale_stick_for_xinsr_cn), ControlNet Union's openpose type",
     "DWPose whole-body pose (YOLOX-L person boxes + RTMPose-L, 133 keypoints) drawn as OpenPose sticks, hands "
     "and face dots on black, exactly as Aux's DWPose preprocessor draws them; runs on our torch code (no "
     "onnxruntime). The keypoints also come out as data (OpenPose JSON).",
-    full_frame=True, returns_data=True, load_weights=_dwpose_load,
-    weights_doc="dw-ll_ucoco_384.onnx and yolox_l.onnx from huggingface.co/yzd-v/DWPose, in one folder",
+    full_frame=True, returns_data=True, load_weights=_net("dwpose", "load"),
+    weights=Weights(("dw-ll_ucoco_384.onnx",), "https://huggingface.co/yzd-v/DWPose"),
+    weights_doc="dw-ll_ucoco_384.onnx and yolox_l.onnx from https://huggingface.co/yzd-v/DWPose (one folder)",
 )

@@ -4,6 +4,6 @@
 # pytest's exit 5 ("no tests ran") fails the script like any other non-zero code.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="test"
+EXTRAS="test,annotators"
 source scripts/venv.sh
 exec "$PY" -m pytest -q "$@"

@@ -187,7 +187,7 @@ def test_odd_sizes(files, h, w):
 def test_missing_detector_and_wrong_files_are_sentences(files, tmp_path):
     lone = tmp_path / "dw-ll_ucoco_384.onnx"
     lone.write_bytes((files / "dw-ll_ucoco_384.onnx").read_bytes())
-    with pytest.raises(pp.PreprocessorError, match="yolox_l.onnx .*huggingface.co/yzd-v/DWPose.*same folder"):
+    with pytest.raises(pp.PreprocessorError, match="needs the person detector yolox_l.onnx.*not found.*huggingface.co/yzd-v/DWPose"):
         pp.run("dwpose", _image(), weights_path=lone)
     # the two files swapped: the "pose model" is the detector
     swap = tmp_path / "swap"

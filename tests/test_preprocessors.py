@@ -77,7 +77,10 @@ def test_registry_shape_and_order():
 
 
 def test_no_torch_anywhere_in_preprocessors():
+    # torch lives only in nets/ (the network annotators), imported when a network method first runs
     for f in PKG.rglob("*.py"):
+        if "nets" in f.relative_to(PKG).parts:
+            continue
         tree = ast.parse(f.read_text(), str(f))
         for node in ast.walk(tree):
             mods = []
@@ -100,7 +103,8 @@ def test_import_is_cheap_and_torch_free_in_a_fresh_process():
         assert "cv2" not in sys.modules and "torch" not in sys.modules, sorted(sys.modules)
         img = np.zeros((16, 16, 3), np.uint8); m = np.ones((16, 16))
         for name in P.list_methods():
-            P.run(name, img, resolution=64, mask=m)
+            if P.get_method(name).load_weights is None:  # the network methods need torch and a file
+                P.run(name, img, resolution=64, mask=m)
         assert "torch" not in sys.modules
         print("ok")
     """)

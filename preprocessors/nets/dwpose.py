@@ -25,14 +25,16 @@ import torch
 
 from .._cv import cv2
 from ..errors import PreprocessorError
+from .files import find_weights
+from .host import Net
 from .onnx_graph import OnnxGraph, load_onnx
 from .pose_draw import Keypoint, Pose, draw_poses, poses_to_json, to_resolution
 
 POSE_FILES = ("dw-ll_ucoco_384.onnx",)
 DETECTOR_FILES = ("yolox_l.onnx",)
-SOURCE = "huggingface.co/yzd-v/DWPose"
+SOURCE = "https://huggingface.co/yzd-v/DWPose"
 WEIGHTS_DOC = (
-    "dw-ll_ucoco_384.onnx (pose) and yolox_l.onnx (person boxes) from huggingface.co/yzd-v/DWPose, in one folder"
+    f"dw-ll_ucoco_384.onnx (pose) and yolox_l.onnx (person boxes) from {SOURCE}"
 )
 
 DETECT_SIZE = (640, 640)
@@ -240,15 +242,19 @@ def _input_size(name: str) -> tuple[int, int]:
 
 
 def load(pose_path: Path, detector_path: Optional[Path] = None) -> DWPose:
-    """The DWPose model from its two files; without `detector_path`, yolox_l.onnx next to the pose file."""
+    """The DWPose model from its two files. The detector: `detector_path`, else yolox_l.onnx next to
+    the pose file (Aux keeps both in ckpts/yzd-v/DWPose), else wherever `find_weights` finds it."""
     pose_path = Path(pose_path)
     if detector_path is None:
         detector_path = pose_path.with_name(DETECTOR_FILES[0])
-    if not Path(detector_path).is_file():
-        raise PreprocessorError(
-            f"dwpose needs the person detector {DETECTOR_FILES[0]} (from {SOURCE}) in the same folder as "
-            f"{pose_path.name} ({pose_path.parent}); put it there"
-        )
+        if not detector_path.is_file():
+            try:
+                detector_path = find_weights(DETECTOR_FILES, source=SOURCE)
+            except PreprocessorError as e:
+                raise PreprocessorError(
+                    f"dwpose needs the person detector {DETECTOR_FILES[0]} besides {pose_path.name}: {e}; "
+                    f"the folder of {pose_path.name} ({pose_path.parent}) is a good place"
+                ) from None
     if pose_path.suffix != ".onnx" or Path(detector_path).suffix != ".onnx":
         raise PreprocessorError(
             f"dwpose reads the .onnx files ({POSE_FILES[0]}, {DETECTOR_FILES[0]} from {SOURCE}); "
@@ -257,15 +263,25 @@ def load(pose_path: Path, detector_path: Optional[Path] = None) -> DWPose:
     return DWPose(load_onnx(pose_path), load_onnx(detector_path), _input_size(pose_path.name)).eval()
 
 
+def method(frame: np.ndarray, *, model: DWPose | Net, resolution: int, detect_body: bool, detect_hand: bool,
+           detect_face: bool, scale_stick_for_xinsr_cn: bool) -> tuple[np.ndarray, dict]:
+    """The registry's `dwpose` method (its parameter names are the node's widgets)."""
+    return dwpose_frame(frame, model=model, resolution=resolution, body=detect_body, hands=detect_hand,
+                        face=detect_face, xinsr_sticks=scale_stick_for_xinsr_cn)
+
+
 def to_uint8(frame: np.ndarray) -> np.ndarray:
     """A float [0, 1] frame as Aux gets it: `image * 255` truncated to uint8."""
     return (frame * np.float32(255.0)).astype(np.uint8)
 
 
-def dwpose_frame(frame: np.ndarray, *, model: DWPose, resolution: int, body: bool = True, hands: bool = True,
-                 face: bool = True, xinsr_sticks: bool = False) -> tuple[np.ndarray, dict]:
+def dwpose_frame(frame: np.ndarray, *, model: DWPose | Net, resolution: int, body: bool = True,
+                 hands: bool = True, face: bool = True, xinsr_sticks: bool = False) -> tuple[np.ndarray, dict]:
     """One float RGB frame (H, W, 3) -> (the pose picture at `resolution` as float [0, 1], its
     OpenPose JSON at the frame's size)."""
+    if isinstance(model, Net):
+        model.device()  # the host puts it where it runs now (ComfyUI: GPU when there is one)
+        model = model.module
     img = to_uint8(frame)
     h, w = img.shape[:2]
     poses = model.detect(img)
