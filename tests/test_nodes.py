@@ -29,13 +29,14 @@ from comfyui_controlnet_core.nodes.control_object import CoreControlMixin, NetHa
 from helpers_models import make_tiny_config, random_controlnet
 
 ROOT = Path(__file__).resolve().parents[1]
-IDS = ("CNCore_LoadControlNet", "CNCore_Preprocessor", "CNCore_ApplyControlNet", "CNCore_CombineControls")
+IDS = ("CNCore_LoadControlNet", "CNCore_Preprocessor", "CNCore_ApplyControlNet", "CNCore_CombineControls",
+       "CNCore_PoseKeypoints")
 
 
 # ------------------------------------------------------------------------------------------
 # node definitions
 
-def test_the_four_node_ids_and_display_names():
+def test_the_node_ids_and_display_names():
     assert tuple(NODE_CLASS_MAPPINGS) == IDS
     assert set(NODE_DISPLAY_NAME_MAPPINGS) == set(IDS)
     for node_id, cls in NODE_CLASS_MAPPINGS.items():
@@ -116,7 +117,7 @@ def _run_python(code: str) -> subprocess.CompletedProcess:
 def test_import_needs_no_comfyui_and_does_no_heavy_work():
     r = _run_python(
         "import sys, comfyui_controlnet_core as m\n"
-        "assert len(m.NODE_CLASS_MAPPINGS) == 4\n"
+        "assert len(m.NODE_CLASS_MAPPINGS) == 5\n"
         "heavy = [n for n in ('comfy', 'folder_paths', 'cv2', 'diffusers', 'comfy.model_management') if n in sys.modules]\n"
         "assert not heavy, heavy\n"
         "import torch\n"

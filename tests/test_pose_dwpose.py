@@ -196,3 +196,46 @@ def test_missing_detector_and_wrong_files_are_sentences(files, tmp_path):
     (swap / "yolox_l.onnx").write_bytes((files / "yolox_l.onnx").read_bytes())
     with pytest.raises(pp.PreprocessorError, match="not a DWPose whole-body model"):
         pp.run("dwpose", _image(), weights_path=swap / "dw-ll_ucoco_384.onnx")
+
+
+# ----------------------------------------------------------------------------- the nodes
+
+
+def test_pose_keypoints_node_gives_picture_and_openpose_json(files, monkeypatch):
+    import json
+
+    from comfyui_controlnet_core.nodes.node_defs import NODE_CLASS_MAPPINGS
+    from comfyui_controlnet_core.preprocessors.nets import files as nets_files
+
+    monkeypatch.setattr(nets_files, "search_roots", lambda: [files])  # the node finds the files by name
+    cls = NODE_CLASS_MAPPINGS["CNCore_PoseKeypoints"]
+    spec = cls.INPUT_TYPES()["required"]
+    assert list(spec)[:4] == ["image", "method", "resolution", "pixel_perfect"]
+    assert spec["method"][0][0] == "dwpose" and "low_threshold" not in spec  # only the pose widgets
+    assert cls.RETURN_TYPES == ("IMAGE", "POSE_KEYPOINT")
+    image = torch.from_numpy(_image(n=2, h=120, w=160))
+    params = {k: pp.PARAMS[[p.name for p in pp.PARAMS].index(k)].default for k in spec if k not in
+              ("image", "method", "resolution", "pixel_perfect")}
+    out = cls().run(image, "dwpose", 128, False, **params)
+    hint, data = out["result"]
+    assert hint.shape == (2, 120, 160, 3) and len(data) == 2
+    assert json.loads(out["ui"]["openpose_json"][0]) == data
+    assert out["ui"]["cncore_weights"] == [str(files / "dw-ll_ucoco_384.onnx")]
+    # the Preprocessor node makes the same picture
+    pre = NODE_CLASS_MAPPINGS["CNCore_Preprocessor"]()
+    all_params = {p.name: p.default for p in pp.PARAMS}
+    res = pre.run(image, "dwpose", 128, False, **all_params)
+    assert torch.equal(res["result"][0], hint)
+    ref = pp.run("dwpose", image.numpy(), resolution=128, weights_path=files / "dw-ll_ucoco_384.onnx")
+    np.testing.assert_array_equal(hint.numpy(), ref)
+
+
+def test_missing_pose_file_names_file_source_and_folder(tmp_path, monkeypatch):
+    from comfyui_controlnet_core.nodes.node_defs import NODE_CLASS_MAPPINGS
+    from comfyui_controlnet_core.preprocessors.nets import files as nets_files
+
+    monkeypatch.setattr(nets_files, "search_roots", lambda: [tmp_path])
+    cls = NODE_CLASS_MAPPINGS["CNCore_PoseKeypoints"]
+    with pytest.raises(pp.PreprocessorError, match=r"dw-ll_ucoco_384.onnx was not found.*yzd-v/DWPose.*put it in"):
+        cls().run(torch.zeros(1, 64, 64, 3), "dwpose", 512, False, detect_body=True, detect_hand=True,
+                  detect_face=True, scale_stick_for_xinsr_cn=False)
