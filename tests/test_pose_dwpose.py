@@ -239,3 +239,90 @@ def test_missing_pose_file_names_file_source_and_folder(tmp_path, monkeypatch):
     with pytest.raises(pp.PreprocessorError, match=r"dw-ll_ucoco_384.onnx was not found.*yzd-v/DWPose.*put it in"):
         cls().run(torch.zeros(1, 64, 64, 3), "dwpose", 512, False, detect_body=True, detect_hand=True,
                   detect_face=True, scale_stick_for_xinsr_cn=False)
+
+
+# ----------------------------------------------------------------------------- against Aux itself
+
+
+def _aux_dwpose():
+    """Aux's dwpose modules (comfyui_controlnet_aux at $AUX_PATH), imported without its package
+    __init__ (which needs scipy, scikit-image, torchvision for OpenPose): the pre/post code, the
+    keypoint formatting and the drawing are Aux's own files, run as they are."""
+    import importlib.util
+    import sys
+    import types
+
+    root = os.environ.get("AUX_PATH")
+    if not root:
+        pytest.skip("AUX_PATH (a comfyui_controlnet_aux checkout) is not set")
+    pytest.importorskip("matplotlib")  # Aux's drawing takes its hand colours from matplotlib
+    src = os.path.join(root, "src")
+    if src not in sys.path:
+        sys.path.insert(0, src)  # custom_controlnet_aux/__init__.py is empty; .util needs torch + hf_hub
+    pkg_dir = os.path.join(src, "custom_controlnet_aux", "dwpose")
+    name = "aux_dwpose_under_test"
+    if name not in sys.modules:
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [pkg_dir]
+        sys.modules[name] = pkg
+        types_mod = importlib.import_module(f"{name}.types")
+        body = types.ModuleType(f"{name}.body")  # util imports Keypoint/BodyResult from .body (OpenPose's)
+        body.Keypoint, body.BodyResult = types_mod.Keypoint, types_mod.BodyResult
+        sys.modules[f"{name}.body"] = body
+    wholebody = importlib.import_module(f"{name}.wholebody")
+    util = importlib.import_module(f"{name}.util")
+    from custom_controlnet_aux.util import HWC3, resize_image_with_pad
+
+    def detect(det_session, pose_session, img_u8, resolution, include_body=True, include_hand=True,
+               include_face=True, xinsr=False):
+        # DwposeDetector.__call__ (dwpose/__init__.py) with the onnxruntime sessions Wholebody makes
+        wb = wholebody.Wholebody()
+        wb.det, wb.pose, wb.det_filename, wb.pose_filename = det_session, pose_session, "yolox_l.onnx", "dw-ll_ucoco_384.onnx"
+        wb.pose_input_size = (288, 384)
+        image, _ = resize_image_with_pad(img_u8, 0, "INTER_CUBIC")
+        poses = wholebody.Wholebody.format_result(wb(image.copy()))
+        canvas = np.zeros(shape=(image.shape[0], image.shape[1], 3), dtype=np.uint8)
+        for pose in poses:  # draw_poses
+            if include_body:
+                canvas = util.draw_bodypose(canvas, pose.body.keypoints, xinsr)
+            if include_hand:
+                canvas = util.draw_handpose(canvas, pose.left_hand)
+                canvas = util.draw_handpose(canvas, pose.right_hand)
+            if include_face:
+                canvas = util.draw_facepose(canvas, pose.face)
+        canvas, remove_pad = resize_image_with_pad(canvas, resolution, "INTER_CUBIC")
+        return HWC3(remove_pad(canvas)), poses
+
+    return detect
+
+
+@pytest.mark.parametrize("case", ["480x640@512", "700x500@768 xinsr", "300x1000@512 body only"])
+def test_whole_method_equals_aux_dwpose(files, case):
+    ort = pytest.importorskip("onnxruntime")
+    detect = _aux_dwpose()
+    size, rest = case.split("@")
+    h, w = map(int, size.split("x"))
+    resolution = int(rest.split()[0])
+    xinsr, body_only = "xinsr" in case, "body only" in case
+    frame = _image(seed=h, h=h, w=w)
+    sessions = [ort.InferenceSession(str(files / f), providers=["CPUExecutionProvider"])
+                for f in ("yolox_l.onnx", "dw-ll_ucoco_384.onnx")]
+    img = (frame * 255.0).astype(np.uint8)  # common_annotator_call: np.asarray(image * 255., uint8)
+    want, aux_poses = detect(*sessions, img, resolution, include_hand=not body_only, include_face=not body_only,
+                             xinsr=xinsr)
+    model = D.load(files / "dw-ll_ucoco_384.onnx")
+    ours, data = D.dwpose_frame(frame, model=model, resolution=resolution, hands=not body_only,
+                                face=not body_only, xinsr_sticks=xinsr)
+    ours_u8 = np.round(ours * 255).astype(np.uint8)
+    assert ours_u8.shape == want.shape
+    assert len(aux_poses) == len(data["people"]) >= 1
+    # keypoints: same points found, same places (our graph differs from onnxruntime by ~1e-6)
+    for a, b in zip(aux_poses, model.detect(img)):
+        for pa, pb in zip(a.body.keypoints, b.body):
+            assert (pa is None) == (pb is None)
+            if pa is not None:
+                assert abs(pa.x - pb.x) < 1e-2 and abs(pa.y - pb.y) < 1e-2
+    differ = np.any(ours_u8 != want, axis=-1)
+    print(f"{case}: {len(aux_poses)} people, {differ.sum()} of {differ.size} pixels differ from Aux")
+    assert differ.mean() <= 1e-3, f"{differ.sum()} pixels differ"  # a stick end on a rounding edge at most
+    assert want.max() > 0
