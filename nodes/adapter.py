@@ -231,11 +231,16 @@ def setup_annotators() -> None:
         import folder_paths
     except ImportError:
         return
-    folder_paths.add_model_folder_path(ANNOTATORS, os.path.join(folder_paths.models_dir, ANNOTATORS))
     from ..preprocessors.nets import files, host
 
-    files.set_roots_provider(lambda: [p for p in annotator_roots()])
-    host.set_host(AnnotatorHost())
+    folder_paths.add_model_folder_path(ANNOTATORS, os.path.join(folder_paths.models_dir, ANNOTATORS))
+    files.set_roots_provider(annotator_roots)
+    try:
+        import comfy.model_management  # noqa: F401
+    except ImportError:  # folder_paths without the rest of ComfyUI (tools, tests): the CPU runs them
+        pass
+    else:
+        host.set_host(AnnotatorHost())
     _annotators_ready = True
 
 

@@ -72,6 +72,10 @@ class LoadControlNet:
         return adapter.file_signature(control_net_name)
 
 
+# How many of preprocessors.PARAMS the 0.1.0 Preprocessor node had (low_threshold .. seed): required widgets.
+RELEASED_PARAMS = 14
+
+
 def _param_widget(p: Any) -> tuple:
     opts: dict[str, Any] = {"default": p.default}
     if p.tooltip:
@@ -116,15 +120,16 @@ class Preprocessor:
                                           "tooltip": "Pick the resolution from the generated image's size (connect "
                                                      "the latent) instead of the resolution widget."}),
         }
-        for p in pp.PARAMS:
-            required[p.name] = _param_widget(p)
-        return {
-            "required": required,
-            "optional": {
-                "mask": ("MASK", {"tooltip": "For the inpaint method: the area to repaint."}),
-                "latent": ("LATENT", {"tooltip": "The latent you generate (for pixel_perfect)."}),
-            },
+        optional: dict[str, Any] = {
+            "mask": ("MASK", {"tooltip": "For the inpaint method: the area to repaint."}),
+            "latent": ("LATENT", {"tooltip": "The latent you generate (for pixel_perfect)."}),
         }
+        for i, p in enumerate(pp.PARAMS):
+            # Parameters appended after 0.1.0 are optional inputs: an API prompt saved before they
+            # existed lacks them, and ComfyUI refuses a prompt without a required input (the method
+            # then gets the parameter's default). In the UI they are widgets after the released ones.
+            (required if i < RELEASED_PARAMS else optional)[p.name] = _param_widget(p)
+        return {"required": required, "optional": optional}
 
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("hint",)

@@ -56,6 +56,7 @@ method would use (the node and the preview show it). New methods are APPENDED wi
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -161,6 +162,12 @@ PARAMS: tuple[Param, ...] = (
     Param("grid", "int", 8, 1, 512, 1,
           tooltip="color_grid, shuffle: number of cells along the short side"),
     Param("seed", "int", 0, 0, 2**32 - 1, 1, tooltip="shuffle: random seed (same seed, same shuffle)"),
+    Param("depth_model", "choice", "v2_vitl",
+          choices=("v2_vitl", "v2_vitb", "v2_vits", "v2_vitg", "v1_vitl", "v1_vitb", "v1_vits"),
+          tooltip="depth_anything_v2: which Depth Anything file: v2_vitl = depth_anything_v2_vitl.pth (Large, "
+                  "best, 1.3 GB), v2_vitb (Base, 390 MB), v2_vits (Small, 99 MB), v2_vitg (Giant); v1_* = "
+                  "Depth Anything V1 (depth_anything_vitl14.pth ...). ComfyUI-DepthAnythingV2's .safetensors "
+                  "work too"),
     # pose (issue 22): Aux's DWPose/OpenPose widget names, as on/off toggles
     Param("detect_body", "bool", True, tooltip="dwpose: draw (and output) the body sticks and joints"),
     Param("detect_hand", "bool", True, tooltip="dwpose: draw (and output) the hand keypoints"),
@@ -501,8 +508,10 @@ _builtin(
 # Appended after the weight-free methods, in the order they were added (saved workflows store the
 # method by name, the list order is what the node's menu shows).
 
+@functools.lru_cache(maxsize=None)
 def _net(module: str, attr: str) -> Callable[..., Any]:
-    """`preprocessors.nets.<module>.<attr>`, imported on first call (keeps this module torch-free)."""
+    """`preprocessors.nets.<module>.<attr>`, imported on first call (keeps this module torch-free).
+    One function per name: methods loading with `_net(m, "load")` share the cached network."""
     def call(*args, **kwargs):
         import importlib
 
@@ -512,6 +521,28 @@ def _net(module: str, attr: str) -> Callable[..., Any]:
     return call
 
 
+def _depth_anything_weights(params: dict[str, Any]) -> Weights:
+    from .nets import depth_anything as da
+
+    model = params["depth_model"]
+    return Weights(da.MODELS[model], da.source_of(model))
+
+
+register(Method(
+    name="depth_anything_v2",
+    fn=_net("depth_anything", "depth_map"),
+    params=("depth_model",),
+    feeds="control_v11f1p_sd15_depth, control_sd15_depth, SDXL / Flux depth ControlNets, union (depth)",
+    doc="Depth Anything V2 (or V1) relative depth, nearer brighter, as comfyui_controlnet_aux's "
+        "DepthAnythingV2Preprocessor: the network sees the image at short side 518 whatever `resolution` "
+        "(so the method works at the input size), min-max scaled to 0..255.",
+    native_size=True,
+    load_weights=_net("depth_anything", "load"),
+    weights=_depth_anything_weights,
+    weights_doc="depth_anything_v2_vit{l,b,s,g}.pth from huggingface.co/depth-anything/Depth-Anything-V2-{Large,Base,"
+                "Small,Giant} (or depth_anything_v2_vit?_fp32/fp16.safetensors from Kijai/DepthAnythingV2-safetensors; "
+                "V1: depth_anything_vit?14.pth from LiheYoung/Depth-Anything)",
+))
 
 # ------------------------------------------------------------------------------------------
 # pose (issue 22): preprocessors/nets/dwpose.py (and openpose.py), drawing/JSON in nets/pose_draw.py

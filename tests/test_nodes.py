@@ -84,10 +84,14 @@ def test_apply_node_inputs_match_comfyui_apply_advanced_then_extend_it():
 
 
 def test_preprocessor_node_has_one_widget_per_param_in_order():
-    req = NODE_CLASS_MAPPINGS["CNCore_Preprocessor"].INPUT_TYPES()["required"]
-    names = list(req)
+    spec = NODE_CLASS_MAPPINGS["CNCore_Preprocessor"].INPUT_TYPES()
+    names, optional = list(spec["required"]), list(spec["optional"])
     assert names[:4] == ["image", "method", "resolution", "pixel_perfect"]
-    assert names[4:] == [p.name for p in pp.PARAMS]
+    # the 0.1.0 parameters are required widgets; those appended since are optional ones, after mask
+    # and latent, so API prompts saved without them still validate in ComfyUI
+    assert names[4:] + optional[2:] == [p.name for p in pp.PARAMS]
+    assert optional[:2] == ["mask", "latent"] and len(names[4:]) == 14
+    req = {**spec["required"], **spec["optional"]}
     assert req["method"][0] == pp.list_methods() and "canny" in req["method"][0]
     kinds = {"int": "INT", "float": "FLOAT", "bool": "BOOLEAN"}
     for p in pp.PARAMS:

@@ -130,8 +130,8 @@ def test_preview_is_the_nodes_hint_as_png(comfy):
 def test_preview_of_each_method_that_needs_no_mask_matches_the_library(comfy):
     pixels = np.asarray(scene(), np.uint8)
     for method in pp.list_methods():
-        if pp.get_method(method).needs_mask:
-            continue
+        if pp.get_method(method).needs_mask or pp.get_method(method).load_weights is not None:
+            continue  # the network methods' previews: tests/test_annotator_preview.py
         status, png, _ = post_preview(request(method=method, params={}))
         assert status == 200, (method, png)
         expected = to_uint8(pp.run(method, pixels, resolution=64)[0])

@@ -177,7 +177,9 @@ async function preview(node) {
       show({ text, error: true });
       return;
     }
-    show({ text: "", src: URL.createObjectURL(await r.blob()) });
+    // a network method says which weights file it found (routes.py WEIGHTS_HEADER)
+    const weights = r.headers.get("X-CNCore-Weights");
+    show({ text: weights ? `weights: ${weights}` : "", src: URL.createObjectURL(await r.blob()) });
   } catch (e) {
     if (seq === node.cncoreSeq) show({ text: `the preview could not reach ComfyUI (${e?.message ?? e})`, error: true });
   }
@@ -235,6 +237,15 @@ if (!globalThis[ONCE]) {
         const r = configure?.apply(this, arguments);
         if (this.cncoreAuto) this.cncoreAuto.value = !!this.properties?.[AUTO];
         relayout(this); // the saved method is known only now
+        return r;
+      };
+
+      const executed = nodeType.prototype.onExecuted;
+      nodeType.prototype.onExecuted = function (output) {
+        const r = executed?.apply(this, arguments);
+        // a network method's run says which weights file it used (node_defs.py: ui.cncore_weights)
+        const weights = output?.cncore_weights?.[0];
+        if (weights && this.cncoreShow) this.cncoreShow({ text: `weights: ${weights}` });
         return r;
       };
 

@@ -317,7 +317,7 @@ def net_input_size(h: int, w: int) -> tuple[int, int]:
 
 
 def prepare(rgb: np.ndarray) -> torch.Tensor:
-    """uint8 RGB (H, W, 3) -> the normalised (1, 3, h, w) float32 input, as Aux makes it (float64 steps)."""
+    """uint8 RGB (H, W, 3) -> the normalised (1, 3, h, w) float32 input, as Aux makes it."""
     from .._cv import cv2
 
     h, w = rgb.shape[:2]
@@ -327,9 +327,11 @@ def prepare(rgb: np.ndarray) -> torch.Tensor:
             "round); the network would need too much memory for it: crop it first"
         )
     nh, nw = net_input_size(h, w)
-    x = cv2().resize(rgb / 255.0, (nw, nh), interpolation=cv2().INTER_CUBIC)
-    x = (x - MEAN) / STD
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)).astype(np.float32))[None]
+    # float32 where Aux has float64: half the memory and time on large images; the difference
+    # (~1e-7 relative) is far below what the uint8 output can show
+    x = cv2().resize(rgb.astype(np.float32) / np.float32(255.0), (nw, nh), interpolation=cv2().INTER_CUBIC)
+    x = (x - MEAN.astype(np.float32)) / STD.astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
 
 
 def depth_to_uint8(depth: np.ndarray) -> np.ndarray:
@@ -340,7 +342,7 @@ def depth_to_uint8(depth: np.ndarray) -> np.ndarray:
     return ((depth - lo) / (hi - lo) * 255.0).astype(np.uint8)
 
 
-def depth_map(frame: np.ndarray, model: Net) -> np.ndarray:
+def depth_map(frame: np.ndarray, model: Net, **_params) -> np.ndarray:
     """The method: float RGB (H, W, 3) in [0, 1] -> depth hint (H, W) in [0, 1], nearer brighter."""
     rgb = to_uint8(frame)
     h, w = rgb.shape[:2]
