@@ -326,3 +326,16 @@ def test_whole_method_equals_aux_dwpose(files, case):
     print(f"{case}: {len(aux_poses)} people, {differ.sum()} of {differ.size} pixels differ from Aux")
     assert differ.mean() <= 1e-3, f"{differ.sum()} pixels differ"  # a stick end on a rounding edge at most
     assert want.max() > 0
+
+
+def test_pose_workflow_uses_dwpose_and_an_openpose_controlnet():
+    import json
+    from pathlib import Path
+
+    api = json.loads((Path(__file__).parents[1] / "workflows" / "api" / "Pose - DWPose (SD1.5).json").read_text())
+    pose = [n for n in api.values() if n["class_type"] == "CNCore_PoseKeypoints"]
+    assert pose and pose[0]["inputs"]["method"] == "dwpose"
+    loader = [n for n in api.values() if n["class_type"] == "CNCore_LoadControlNet"][0]
+    assert "openpose" in loader["inputs"]["control_net_name"]
+    apply = [n for n in api.values() if n["class_type"] == "CNCore_ApplyControlNet"][0]
+    assert apply["inputs"]["image"][0] == [k for k, n in api.items() if n is pose[0]][0]
