@@ -168,7 +168,9 @@ def to_openpose(keypoints: np.ndarray, scores: np.ndarray) -> list[Pose]:
     info[:, _OPENPOSE] = info[:, _MMPOSE]
 
     def part(rows: np.ndarray) -> Optional[list[Optional[Keypoint]]]:
-        pts = [Keypoint(x, y, s, i) if s >= SCORE_MIN else None for i, (x, y, s) in enumerate(rows)]
+        # (|x|, |y| < 1e6: a broken file's absurd boxes give points no picture can hold)
+        pts = [Keypoint(x, y, s, i) if s >= SCORE_MIN and abs(x) < 1e6 and abs(y) < 1e6 else None
+               for i, (x, y, s) in enumerate(rows)]
         return None if all(p is None for p in pts) else pts
 
     poses = []
