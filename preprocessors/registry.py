@@ -558,3 +558,13 @@ _builtin(
     weights=Weights(("dw-ll_ucoco_384.onnx",), "https://huggingface.co/yzd-v/DWPose"),
     weights_doc="dw-ll_ucoco_384.onnx and yolox_l.onnx from https://huggingface.co/yzd-v/DWPose (one folder)",
 )
+
+_builtin(
+    "openpose", _net("openpose", "method"), ("detect_body", "scale_stick_for_xinsr_cn"),
+    "control_v11p_sd15_openpose, control_sd15_openpose, t2iadapter_openpose, SDXL openpose ControlNets",
+    "OpenPose body (CMU's 18-keypoint PAF network) as Aux's OpenPose preprocessor: detected and drawn at "
+    "`resolution`, sticks and joints on black. Hands and face: use dwpose.",
+    full_frame=True, returns_data=True, load_weights=_net("openpose", "load"),
+    weights=Weights(("body_pose_model.pth",), "https://huggingface.co/lllyasviel/Annotators"),
+    weights_doc="body_pose_model.pth from https://huggingface.co/lllyasviel/Annotators",
+)

@@ -1,0 +1,149 @@
+"""The openpose method (body): our network against controlnet-aux 0.0.10's `bodypose_model` on a
+random-weight file in the real layout (caffe names, plain dict), and the peak finding + limb
+assembly against controlnet-aux's `Body.__call__` on the same synthetic network outputs (random
+weights make its O(n^2) matching run for minutes: the maps here are two drawn skeletons)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from comfyui_controlnet_core import preprocessors as pp
+from comfyui_controlnet_core.preprocessors.nets import openpose as O
+from helpers_annotators import cna
+
+# two standing people (normalised x, y), OpenPose's 18 body points
+PERSON = [(0.50, 0.15), (0.50, 0.25), (0.42, 0.25), (0.38, 0.40), (0.36, 0.55), (0.58, 0.25), (0.62, 0.40),
+          (0.64, 0.55), (0.45, 0.55), (0.45, 0.72), (0.45, 0.90), (0.55, 0.55), (0.55, 0.72), (0.55, 0.90),
+          (0.48, 0.13), (0.52, 0.13), (0.46, 0.14), (0.54, 0.14)]
+
+
+def _people(n=2):
+    out = []
+    for i in range(n):
+        dx = (i - (n - 1) / 2) * 0.45
+        out.append([(0.5 + (x - 0.5) * 0.8 + dx, y) for x, y in PERSON])
+    return out
+
+
+def synthetic_maps(h: int, w: int, people) -> tuple[torch.Tensor, torch.Tensor]:
+    """(PAFs (1, 38, h, w), heatmaps (1, 19, h, w)) at network resolution: a Gaussian blob (sigma 1
+    cell) per joint, unit vectors along each limb within 1 cell of it."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    heat = np.zeros((19, h, w))
+    paf = np.zeros((38, h, w))
+    for person in people:
+        pts = [(x * w, y * h) for x, y in person]
+        for k, (px, py) in enumerate(pts):
+            heat[k] = np.maximum(heat[k], np.exp(-((xx - px) ** 2 + (yy - py) ** 2) / 2.0))
+        for (a, b), (cx, cy) in zip(O.LIMBS, O.PAF_CHANNELS):
+            (ax, ay), (bx, by) = pts[a - 1], pts[b - 1]
+            length = math.hypot(bx - ax, by - ay)
+            ux, uy = (bx - ax) / length, (by - ay) / length
+            t = (xx - ax) * ux + (yy - ay) * uy
+            d = np.abs((xx - ax) * uy - (yy - ay) * ux)
+            on = (t >= -1) & (t <= length + 1) & (d <= 1.0)
+            paf[cx][on], paf[cy][on] = ux, uy
+    return torch.from_numpy(paf[None]).float(), torch.from_numpy(heat[None]).float()
+
+
+class MapsNet(torch.nn.Module):
+    """A stand-in network that outputs the synthetic maps for whatever input size it gets."""
+
+    def __init__(self, people):
+        super().__init__()
+        self.people = people
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return synthetic_maps(x.shape[2] // 8, x.shape[3] // 8, self.people)
+
+
+def _real_layout(net: O.BodyNet) -> dict:
+    """The state dict as body_pose_model.pth holds it: caffe layer names, no `model0.` part."""
+    return {k.split(".", 1)[1]: v.clone() for k, v in net.state_dict().items()}
+
+
+def _random_body(seed=0) -> O.BodyNet:
+    net = O.BodyNet()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / m.weight[0].numel()) ** 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.05)
+    return net.eval()
+
+
+def test_body_network_matches_controlnet_aux(tmp_path):
+    model = cna("open_pose.model")
+    path = tmp_path / "body_pose_model.pth"
+    torch.save(_real_layout(_random_body()), path)
+    ours = O.load(path)
+    ref = model.bodypose_model()
+    ref.load_state_dict({k: torch.load(path)[k.split(".", 1)[1]] for k in ref.state_dict()})  # Aux's util.transfer
+    ref.eval()
+    x = torch.rand(1, 3, 184, 248) - 0.5
+    with torch.no_grad():
+        for a, b in zip(ours(x), ref(x)):
+            assert a.shape == b.shape
+            assert float((a - b).abs().max() / b.abs().max()) <= 1e-4
+            assert b.std() > 0
+    assert (ref(x)[1] >= 0).all()  # the heatmap branch ends in a ReLU (the original table's quirk)
+
+
+def test_wrong_file_is_a_sentence(tmp_path):
+    path = tmp_path / "body_pose_model.pth"
+    torch.save({"conv1_1.weight": torch.zeros(64, 3, 3, 3)}, path)
+    with pytest.raises(pp.PreprocessorError, match="OpenPose body network"):
+        O.load(path)
+
+
+@pytest.mark.parametrize("n_people", [1, 2, 3])
+def test_peaks_and_limbs_match_controlnet_aux_body(n_people):
+    pytest.importorskip("scipy")  # controlnet-aux's Body smooths with scipy's gaussian_filter
+    cna("open_pose.util")  # first, as open_pose/__init__.py does (util and body import each other)
+    body_mod = cna("open_pose.body")
+    people = _people(n_people)
+    net = MapsNet(people)
+    rng = np.random.default_rng(n_people)
+    bgr = rng.integers(0, 255, (384, 512, 3), dtype=np.uint8)
+    ref = body_mod.Body.__new__(body_mod.Body)
+    ref.model, ref.device = net, "cpu"
+    want_cand, want_subset = ref(bgr)
+    heat, paf = O.body_maps(net, bgr, torch.device("cpu"))
+    cand, subset = O.assemble(O.find_peaks(heat), paf, bgr.shape[0])
+    np.testing.assert_array_equal(cand, want_cand)
+    np.testing.assert_array_equal(subset, want_subset)
+    assert len(subset) == n_people and (subset[:, -1] >= 16).all()  # (3 people crowd: a wrist may go)
+    # near where they were drawn (the maps are at 1/8 of a 0.48x image: a cell is ~17 px here)
+    necks = sorted(cand[int(person[1]), 0] for person in subset)
+    assert np.allclose(necks, sorted(q[1][0] * 512 for q in people), atol=0.04 * 512)
+
+
+def test_method_end_to_end(tmp_path, monkeypatch):
+    # the network on a random file, its maps replaced by two skeletons: the whole method draws them
+    path = tmp_path / "body_pose_model.pth"
+    torch.save(_real_layout(_random_body(1)), path)
+    people = _people(2)
+    monkeypatch.setattr(O.BodyNet, "forward", lambda self, x: synthetic_maps(x.shape[2] // 8, x.shape[3] // 8, people))
+    frame = np.random.default_rng(0).uniform(0, 1, (300, 400, 3)).astype(np.float32)
+    data = []
+    out = pp.run("openpose", frame, resolution=256, weights_path=path, data_out=data)
+    assert out.shape == (1, 300, 400, 3) and out.max() > 0.5
+    (frame_data,) = data
+    assert (frame_data["canvas_height"], frame_data["canvas_width"]) == (256, 341)  # Aux: the detect size
+    assert len(frame_data["people"]) == 2
+    kp = np.array(frame_data["people"][0]["pose_keypoints_2d"]).reshape(18, 3)
+    assert (kp[:, 2] == 1).all() and (kp[:, :2] <= 1).all()  # normalised, as Aux's OpenPose JSON
+    # the picture is Aux's drawing at the padded detect size, cut to 256 x 341 and resized back
+    picture, _ = O.openpose_frame(frame, model=O.load(path), resolution=256)
+    assert picture.shape == (256, 341, 3)
+    off = pp.run("openpose", frame, resolution=256, weights_path=path, detect_body=False)
+    assert off.max() == 0
