@@ -168,12 +168,16 @@ PARAMS: tuple[Param, ...] = (
                   "best, 1.3 GB), v2_vitb (Base, 390 MB), v2_vits (Small, 99 MB), v2_vitg (Giant); v1_* = "
                   "Depth Anything V1 (depth_anything_vitl14.pth ...). ComfyUI-DepthAnythingV2's .safetensors "
                   "work too"),
+    Param("score_threshold", "float", 0.1, 0.01, 2.0, 0.01,
+          tooltip="mlsd: a line's centre must score above this (0-1; lower finds more, fainter lines)"),
+    Param("dist_threshold", "float", 0.1, 0.01, 20.0, 0.01,
+          tooltip="mlsd: shortest segment kept, in pixels at half the working resolution"),
     # pose (issue 22): Aux's DWPose/OpenPose widget names, as on/off toggles
-    Param("detect_body", "bool", True, tooltip="dwpose: draw (and output) the body sticks and joints"),
+    Param("detect_body", "bool", True, tooltip="dwpose, openpose: draw (and output) the body sticks and joints"),
     Param("detect_hand", "bool", True, tooltip="dwpose: draw (and output) the hand keypoints"),
     Param("detect_face", "bool", True, tooltip="dwpose: draw (and output) the face keypoints"),
     Param("scale_stick_for_xinsr_cn", "bool", False,
-          tooltip="dwpose: thicker limbs on big images, for xinsir's SDXL openpose ControlNet (trained so)"),
+          tooltip="dwpose, openpose: thicker limbs on big images, for xinsir's SDXL openpose ControlNet (trained so)"),
 )
 _PARAM_BY_NAME = {p.name: p for p in PARAMS}
 
@@ -499,7 +503,8 @@ _builtin(
 _builtin(
     "lines", M.lines_method, ("min_length", "detector"), "control_v11p_sd15_mlsd, control_sd15_mlsd",
     "Straight line segments (OpenCV LSD, else probabilistic Hough on Canny edges) longer than "
-    "min_length x short side, drawn 1 px (per 512 px) white on black; no M-LSD weights needed.",
+    "min_length x short side, drawn 1 px (per 512 px) white on black; no M-LSD weights needed (`mlsd` runs the "
+    "M-LSD network itself).",
 )
 
 
@@ -543,6 +548,20 @@ register(Method(
                 "Small,Giant} (or depth_anything_v2_vit?_fp32/fp16.safetensors from Kijai/DepthAnythingV2-safetensors; "
                 "V1: depth_anything_vit?14.pth from LiheYoung/Depth-Anything)",
 ))
+
+
+register(Method(
+    name="mlsd",
+    fn=_net("mlsd", "lines_map"),
+    params=("score_threshold", "dist_threshold"),
+    feeds="control_v11p_sd15_mlsd, control_sd15_mlsd",
+    doc="M-LSD straight line segments, 1 px white on black, as comfyui_controlnet_aux's M-LSDPreprocessor (the "
+        "image at `resolution`, padded to a multiple of 64). The weight-free `lines` needs no file.",
+    load_weights=_net("mlsd", "load"),
+    weights=Weights(("mlsd_large_512_fp32.pth",), "https://huggingface.co/lllyasviel/Annotators"),
+    weights_doc="mlsd_large_512_fp32.pth from huggingface.co/lllyasviel/Annotators",
+))
+
 
 # ------------------------------------------------------------------------------------------
 # pose (issue 22): preprocessors/nets/dwpose.py (and openpose.py), drawing/JSON in nets/pose_draw.py
