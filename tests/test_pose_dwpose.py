@@ -178,10 +178,19 @@ def test_no_person_is_a_black_hint(files, tmp_path):
     assert out.max() == 0 and data[0]["people"] == []
 
 
-@pytest.mark.parametrize("h, w", [(8, 8), (8, 2000), (1500, 1200)])
+@pytest.mark.parametrize("h, w", [(8, 8), (8, 2000), (1500, 1200), (4096, 4096)])
 def test_odd_sizes(files, h, w):
     out = pp.run("dwpose", _image(h=h, w=w), resolution=64, weights_path=files / "dw-ll_ucoco_384.onnx")
     assert out.shape == (1, h, w, 3) and np.isfinite(out).all()
+
+
+def test_tiny_image_and_big_batch(files):
+    w = files / "dw-ll_ucoco_384.onnx"
+    with pytest.raises(pp.PreprocessorError, match="too small: 4x4 pixels"):
+        pp.run("dwpose", _image(h=4, w=4), weights_path=w)
+    data = []
+    out = pp.run("dwpose", _image(n=8, h=96, w=128), resolution=96, weights_path=w, data_out=data)
+    assert out.shape == (8, 96, 128, 3) and len(data) == 8
 
 
 def test_missing_detector_and_wrong_files_are_sentences(files, tmp_path):
