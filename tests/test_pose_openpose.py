@@ -85,7 +85,7 @@ def test_body_network_matches_controlnet_aux(tmp_path):
     model = cna("open_pose.model")
     path = tmp_path / "body_pose_model.pth"
     torch.save(_real_layout(_random_body()), path)
-    ours = O.load(path)
+    ours = O.load(path).body
     ref = model.bodypose_model()
     ref.load_state_dict({k: torch.load(path)[k.split(".", 1)[1]] for k in ref.state_dict()})  # Aux's util.transfer
     ref.eval()
@@ -135,7 +135,7 @@ def test_method_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(O.BodyNet, "forward", lambda self, x: synthetic_maps(x.shape[2] // 8, x.shape[3] // 8, people))
     frame = np.random.default_rng(0).uniform(0, 1, (300, 400, 3)).astype(np.float32)
     data = []
-    out = pp.run("openpose", frame, resolution=256, weights_path=path, data_out=data)
+    out = pp.run("openpose", frame, resolution=256, weights_path=path, data_out=data, detect_hand=False)
     assert out.shape == (1, 300, 400, 3) and out.max() > 0.5
     (frame_data,) = data
     assert (frame_data["canvas_height"], frame_data["canvas_width"]) == (256, 341)  # Aux: the detect size
@@ -145,5 +145,108 @@ def test_method_end_to_end(tmp_path, monkeypatch):
     # the picture is Aux's drawing at the padded detect size, cut to 256 x 341 and resized back
     picture, _ = O.openpose_frame(frame, model=O.load(path), resolution=256)
     assert picture.shape == (256, 341, 3)
-    off = pp.run("openpose", frame, resolution=256, weights_path=path, detect_body=False)
+    off = pp.run("openpose", frame, resolution=256, weights_path=path, detect_body=False, detect_hand=False)
     assert off.max() == 0
+
+
+# ----------------------------------------------------------------------------- hands
+
+
+def _random(net: torch.nn.Module, seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / m.weight[0].numel()) ** 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.05)
+    return net.eval()
+
+
+def test_hand_network_matches_controlnet_aux(tmp_path):
+    model = cna("open_pose.model")
+    torch.save(_real_layout(_random_body()), tmp_path / "body_pose_model.pth")
+    torch.save({k.split(".", 1)[1]: v for k, v in _random(O.HandNet(), 3).state_dict().items()},
+               tmp_path / "hand_pose_model.pth")
+    ours = O.load(tmp_path / "body_pose_model.pth").hand  # found beside the body file
+    assert ours is not None
+    ref = model.handpose_model()
+    sd = torch.load(tmp_path / "hand_pose_model.pth")
+    ref.load_state_dict({k: sd[k.split(".", 1)[1]] for k in ref.state_dict()})
+    x = torch.rand(1, 3, 184, 184) - 0.5
+    with torch.no_grad():
+        a, b = ours(x), ref.eval()(x)
+    assert a.shape == b.shape == (1, 22, 23, 23) and b.std() > 0
+    assert float((a - b).abs().max() / b.abs().max()) <= 1e-4
+
+
+class HandMaps(torch.nn.Module):
+    """Hand maps with a blob per joint along a fan, wherever the crop is."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # controlnet-aux reads the device from it
+
+    def forward(self, x):
+        h, w = x.shape[2] // 8, x.shape[3] // 8
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+        maps = np.zeros((22, h, w))
+        for j in range(21):
+            a = -0.8 + 1.6 * (j // 4) / 5
+            r = 0.1 + 0.09 * (j % 4) if j else 0.0
+            cx, cy = w * (0.5 + r * math.sin(a)), h * (0.8 - r * math.cos(a) * 1.5)
+            maps[j] = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * (0.03 * w) ** 2))
+        maps[7] += 0.6 * np.exp(-((xx - 0.1 * w) ** 2 + (yy - 0.1 * h) ** 2) / 4.0)  # a weaker second blob
+        return torch.from_numpy(maps[None]).float()
+
+
+@pytest.mark.parametrize("side", [64, 150])
+def test_hand_points_match_controlnet_aux_hand(side):
+    pytest.importorskip("skimage")  # controlnet-aux's Hand labels blobs with scikit-image
+    pytest.importorskip("scipy")
+    cna("open_pose.util")
+    hand_mod = cna("open_pose.hand")
+    crop = np.random.default_rng(side).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    ref = hand_mod.Hand.__new__(hand_mod.Hand)
+    ref.model, ref.device = HandMaps(), "cpu"
+    want = ref(crop)
+    got = O.hand_points(HandMaps(), crop, torch.device("cpu"))
+    np.testing.assert_array_equal(got, want)
+    assert (got > 0).all()
+
+
+def test_hand_boxes_by_hand():
+    body = [None] * 18
+    body[5], body[6], body[7] = O.Keypoint(100, 100), O.Keypoint(100, 160), O.Keypoint(100, 200)  # left arm down
+    (box,) = O.hand_boxes(body, 400, 400)
+    # wrist + 0.33 x forearm (40 px) = (100, 213.2); side 1.5 x max(40, 0.9 x 60) = 81
+    assert box == (int(100 - 40.5), int(213.2 - 40.5), 81, True)
+    body[2], body[3], body[4] = O.Keypoint(10, 10), O.Keypoint(12, 12), O.Keypoint(14, 14)  # too small: < 20 px
+    assert O.hand_boxes(body, 400, 400) == [box]
+
+
+def test_hands_missing_file_is_a_sentence(tmp_path, monkeypatch):
+    from comfyui_controlnet_core.preprocessors.nets import files as nets_files
+
+    monkeypatch.setattr(nets_files, "search_roots", lambda: [tmp_path])
+    torch.save(_real_layout(_random_body()), tmp_path / "body_pose_model.pth")
+    model = O.load(tmp_path / "body_pose_model.pth")
+    with pytest.raises(pp.PreprocessorError, match="hand_pose_model.pth.*lllyasviel/Annotators.*detect_hand off"):
+        model.hand_net()
+
+
+def test_method_with_hands(tmp_path, monkeypatch):
+    torch.save(_real_layout(_random_body(1)), tmp_path / "body_pose_model.pth")
+    torch.save({k.split(".", 1)[1]: v for k, v in O.HandNet().state_dict().items()}, tmp_path / "hand_pose_model.pth")
+    people = _people(1)
+    monkeypatch.setattr(O.BodyNet, "forward", lambda self, x: synthetic_maps(x.shape[2] // 8, x.shape[3] // 8, people))
+    monkeypatch.setattr(O.HandNet, "forward", lambda self, x: HandMaps.forward(self, x))
+    frame = np.random.default_rng(1).uniform(0, 1, (512, 512, 3)).astype(np.float32)
+    data = []
+    with_hands = pp.run("openpose", frame, resolution=512, weights_path=tmp_path / "body_pose_model.pth",
+                        data_out=data)
+    person = data[0]["people"][0]
+    assert len(person["hand_left_keypoints_2d"]) == len(person["hand_right_keypoints_2d"]) == 63
+    body_only = pp.run("openpose", frame, resolution=512, weights_path=tmp_path / "body_pose_model.pth",
+                       detect_hand=False)
+    blue = (with_hands[0] == [0, 0, 1]).all(-1).sum()  # hand joints are blue (and one body joint)
+    assert blue > (body_only[0] == [0, 0, 1]).all(-1).sum() + 200

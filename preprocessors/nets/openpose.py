@@ -1,7 +1,7 @@
 """OpenPose body (CMU's 18-keypoint, 6-stage PAF network) as Aux's OpenPose preprocessor runs it:
 `body_pose_model.pth` (lllyasviel/Annotators), our torch network, Aux's pre/post-processing and its
-drawing (nets/pose_draw.py, shared with dwpose). Hands and face (hand_pose_model.pth, facenet.pth)
-are not done yet.
+drawing (nets/pose_draw.py, shared with dwpose); hands from `hand_pose_model.pth` (same repository,
+found next to the body file or by name). The face network (facenet.pth) is not done yet.
 
 Aux's recipe (open_pose/__init__.py, body.py), kept step for step because the openpose
 ControlNets were trained on its pictures: the image (uint8 RGB) resized so its short side is
@@ -19,17 +19,20 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from .._cv import cv2
-from .files import load_into, read_state_dict
+from ..errors import PreprocessorError
+from .files import find_weights, load_into, read_state_dict
 from .host import Net
 from .pose_draw import Keypoint, Pose, draw_poses, poses_to_json
 
 BODY_FILES = ("body_pose_model.pth",)
+HAND_FILES = ("hand_pose_model.pth",)
 SOURCE = "https://huggingface.co/lllyasviel/Annotators"
 
 # (name, in, out, kernel) for convs, (name,) for the 2x2 max pools; the file's caffe layer names.
@@ -54,7 +57,12 @@ def _stage(t: int, branch: int, out: int) -> list:
 # table lists Mconv7_stage6_L1 twice and Mconv7_stage6_L2 never, so the released network ends in
 # a ReLU there (its heatmaps are >= 0), and the file's weights were used that way ever since.
 _NO_RELU = {"conv5_5_CPM_L1", "conv5_5_CPM_L2", *(f"Mconv7_stage{t}_L{b}" for t in range(2, 6) for b in (1, 2)),
-            "Mconv7_stage6_L1"}
+            "Mconv7_stage6_L1", "conv6_2_CPM", *(f"Mconv7_stage{t}" for t in range(2, 7))}
+
+# the hand network: VGG-19 to conv5_3_CPM, then 6 stages of 22 maps (21 joints + background)
+_HAND_VGG = list(_VGG[:13]) + [
+    ("conv4_3", 512, 512, 3), ("conv4_4", 512, 512, 3), ("conv5_1", 512, 512, 3), ("conv5_2", 512, 512, 3),
+    ("conv5_3_CPM", 512, 128, 3)]
 
 
 def _layers(table: list) -> nn.Sequential:
@@ -91,16 +99,65 @@ class BodyNet(nn.Module):
         return paf, heat
 
 
-def load(path: Path) -> BodyNet:
-    """body_pose_model.pth (caffe layer names without the `model0.` part) -> BodyNet."""
+class HandNet(nn.Module):
+    """CMU hand network: (N, 3, H, W) BGR in [-0.5, 0.5) -> (N, 22, H/8, W/8) maps."""
+
+    def __init__(self):
+        super().__init__()
+        self.model1_0 = _layers(_HAND_VGG)
+        self.model1_1 = _layers([("conv6_1_CPM", 128, 512, 1), ("conv6_2_CPM", 512, 22, 1)])
+        for t in range(2, 7):
+            setattr(self, f"model{t}", _layers(
+                [(f"Mconv1_stage{t}", 150, 128, 7)] + [(f"Mconv{i}_stage{t}", 128, 128, 7) for i in (2, 3, 4, 5)]
+                + [(f"Mconv6_stage{t}", 128, 128, 1), (f"Mconv7_stage{t}", 128, 22, 1)]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feat = self.model1_0(x)
+        out = self.model1_1(feat)
+        for t in range(2, 7):
+            out = getattr(self, f"model{t}")(torch.cat([out, feat], 1))
+        return out
+
+
+def _load_caffe(net: nn.Module, path: Path, what: str) -> nn.Module:
+    """A CMU file (caffe layer names, without our first module-name part) into `net`."""
     sd = read_state_dict(path)
-    net = BodyNet()
-    if any(k.startswith("model0.") for k in sd):
-        mapped = sd  # already in module names (a re-saved file)
-    else:
-        mapped = {k: sd[k.split(".", 1)[1]] for k in net.state_dict() if k.split(".", 1)[1] in sd}
-    load_into(net, mapped, path=path, what="the OpenPose body network (body_pose_model.pth)")
+    if not any(k.split(".", 1)[0].startswith("model") for k in sd):
+        sd = {k: sd[k.split(".", 1)[1]] for k in net.state_dict() if k.split(".", 1)[1] in sd}
+    load_into(net, sd, path=path, what=what)
     return net.eval()
+
+
+class OpenPose(nn.Module):
+    """The body network and, when its file is there, the hand network; `.to()` moves both."""
+
+    def __init__(self, body: BodyNet, hand: Optional[HandNet], body_path: Path):
+        super().__init__()
+        self.body, self.hand = body, hand
+        self.body_path = Path(body_path)
+
+    def hand_net(self) -> HandNet:
+        """The hand network, loaded on first use from hand_pose_model.pth (next to the body file, else
+        found by name); a sentence when it is nowhere."""
+        if self.hand is None:
+            path = self.body_path.with_name(HAND_FILES[0])
+            if not path.is_file():
+                try:
+                    path = find_weights(HAND_FILES, source=SOURCE)
+                except PreprocessorError as e:
+                    raise PreprocessorError(f"openpose hands need {HAND_FILES[0]}: {e}; or turn detect_hand off") from None
+            device = next(self.body.parameters()).device
+            self.hand = _load_caffe(HandNet(), path, "the OpenPose hand network (hand_pose_model.pth)").to(device)
+        return self.hand
+
+
+def load(path: Path) -> OpenPose:
+    """body_pose_model.pth (and hand_pose_model.pth beside it, if there) -> OpenPose."""
+    path = Path(path)
+    body = _load_caffe(BodyNet(), path, "the OpenPose body network (body_pose_model.pth)")
+    hand_path = path.with_name(HAND_FILES[0])
+    hand = _load_caffe(HandNet(), hand_path, "the OpenPose hand network (hand_pose_model.pth)") if hand_path.is_file() else None
+    return OpenPose(body, hand, path).eval()
 
 
 # ----------------------------------------------------------------------------- Aux's recipe
@@ -243,17 +300,73 @@ def assemble(peaks: list[list[tuple]], paf: np.ndarray, image_h: int) -> tuple[n
     return candidates, people[keep]
 
 
-def detect(net: nn.Module, rgb: np.ndarray, device: torch.device) -> list[Pose]:
-    """People's body keypoints in an RGB uint8 image, normalised to [0, 1] by its size (as Aux)."""
+def hand_boxes(body: list, h: int, w: int) -> list[tuple[int, int, int, bool]]:
+    """(x, y, side, is_left) hand boxes from one person's shoulder, elbow and wrist (pixels): beyond
+    the wrist by 0.33 x forearm, 1.5 x max(forearm, 0.9 x upper arm) wide, clipped to the image,
+    at least 20 px (OpenPose's handDetector)."""
+    out = []
+    for (s, e, wr), is_left in (((5, 6, 7), True), ((2, 3, 4), False)):
+        if body[s] is None or body[e] is None or body[wr] is None:
+            continue
+        (x1, y1), (x2, y2), (x3, y3) = (body[s].x, body[s].y), (body[e].x, body[e].y), (body[wr].x, body[wr].y)
+        x, y = x3 + 0.33 * (x3 - x2), y3 + 0.33 * (y3 - y2)
+        side = 1.5 * max(math.sqrt((x3 - x2) ** 2 + (y3 - y2) ** 2), 0.9 * math.sqrt((x2 - x1) ** 2 + (y2 - y1) ** 2))
+        x, y = max(x - side / 2, 0), max(y - side / 2, 0)
+        side = min(w - x if x + side > w else side, h - y if y + side > h else side)
+        if side >= 20:
+            out.append((int(x), int(y), int(side), is_left))
+    return out
+
+
+def hand_points(net: nn.Module, crop: np.ndarray, device: torch.device) -> np.ndarray:
+    """21 (x, y) joint positions in a BGR hand crop ((0, 0) = not found), as Aux's Hand: 4 scales
+    averaged at 128 x 128, then per joint the argmax inside the heaviest blob of the smoothed map."""
+    cv = cv2()
+    hr, wr = crop.shape[:2]
+    blurred = cv.GaussianBlur(crop, (0, 0), 0.8)
+    avg = np.zeros((128, 128, 22))
+    for scale in (0.5 * 368, 1.0 * 368, 1.5 * 368, 2.0 * 368):
+        padded, ph, pw = _pad8(_resize_like_aux(blurred, scale, scale))
+        x = np.ascontiguousarray(np.float32(padded[None]).transpose(0, 3, 1, 2)) / 256 - 0.5
+        with torch.inference_mode():
+            m = net(torch.from_numpy(x).to(device))[0].float().cpu().numpy().transpose(1, 2, 0)
+        m = _resize_like_aux(m, m.shape[0] * 8, m.shape[1] * 8)[: padded.shape[0] - ph, : padded.shape[1] - pw]
+        avg += _resize_like_aux(m, 128, 128) / 4
+    out = []
+    for part in range(21):
+        raw = avg[:, :, part]
+        mask = (_smooth(raw) > 0.05).astype(np.uint8)
+        if not mask.any():
+            out.append([0, 0])
+            continue
+        n, labels = cv.connectedComponents(mask, connectivity=8)  # skimage's label, connectivity 2
+        best = 1 + int(np.argmax([raw[labels == i].sum() for i in range(1, n)]))
+        raw = np.where(labels == best, raw, 0)
+        row = int(raw.max(1).argmax())
+        col = int(raw[row].argmax())
+        out.append([int(float(col) * float(wr) / 128.0), int(float(row) * float(hr) / 128.0)])
+    return np.array(out)
+
+
+def detect(model: OpenPose | BodyNet, rgb: np.ndarray, device: torch.device, hands: bool = False) -> list[Pose]:
+    """People's keypoints in an RGB uint8 image, normalised to [0, 1] by its size (as Aux)."""
+    body_net = model.body if isinstance(model, OpenPose) else model
     bgr = rgb[:, :, ::-1].copy()
     h, w = bgr.shape[:2]
-    heat, paf = body_maps(net, bgr, device)
+    heat, paf = body_maps(body_net, bgr, device)
     candidates, people = assemble(find_peaks(heat), paf, h)
     poses = []
     for person in people:
-        body = [Keypoint(candidates[i][0] / float(w), candidates[i][1] / float(h)) if i != -1 else None
-                for i in person[:18].astype(int)]
-        poses.append(Pose(body))
+        pix = [Keypoint(candidates[i][0], candidates[i][1]) if i != -1 else None for i in person[:18].astype(int)]
+        found = {True: None, False: None}
+        if hands:
+            for x, y, side, is_left in hand_boxes(pix, h, w):
+                pts = hand_points(model.hand_net(), bgr[y : y + side, x : x + side], device).astype(np.float32)
+                px = np.where(pts[:, 0] < 1e-6, -1, pts[:, 0] + x) / float(w)
+                py = np.where(pts[:, 1] < 1e-6, -1, pts[:, 1] + y) / float(h)
+                found[is_left] = [Keypoint(a, b) for a, b in zip(px, py)]
+        body = [Keypoint(k.x / float(w), k.y / float(h)) if k is not None else None for k in pix]
+        poses.append(Pose(body, found[True], found[False]))
     return poses
 
 
@@ -269,8 +382,8 @@ def _aux_resize(img: np.ndarray, resolution: int) -> tuple[np.ndarray, int, int]
     return np.pad(small, [[0, ph], [0, pw], [0, 0]], mode="edge"), th, tw
 
 
-def openpose_frame(frame: np.ndarray, *, model: nn.Module | Net, resolution: int, body: bool = True,
-                   xinsr_sticks: bool = False) -> tuple[np.ndarray, dict]:
+def openpose_frame(frame: np.ndarray, *, model: OpenPose | Net, resolution: int, body: bool = True,
+                   hands: bool = False, xinsr_sticks: bool = False) -> tuple[np.ndarray, dict]:
     """One float RGB frame -> (the pose picture at `resolution` (short side) as float [0, 1], its
     OpenPose JSON with coordinates normalised to [0, 1], as Aux's OpenPose node outputs it)."""
     if isinstance(model, Net):
@@ -280,15 +393,15 @@ def openpose_frame(frame: np.ndarray, *, model: nn.Module | Net, resolution: int
         device = next(model.parameters()).device
     img = (frame * np.float32(255.0)).astype(np.uint8)
     padded, th, tw = _aux_resize(img, resolution)
-    poses = detect(model, padded, device)
-    canvas = draw_poses(poses, padded.shape[0], padded.shape[1], body=body, hands=False, face=False, xinsr=xinsr_sticks)
+    poses = detect(model, padded, device, hands=hands)
+    canvas = draw_poses(poses, padded.shape[0], padded.shape[1], body=body, hands=hands, face=False, xinsr=xinsr_sticks)
     picture = canvas[:th, :tw]
-    return picture.astype(np.float32) / np.float32(255.0), poses_to_json(poses, th, tw, body, False, False)
+    return picture.astype(np.float32) / np.float32(255.0), poses_to_json(poses, th, tw, body, hands, False)
 
 
-def method(frame: np.ndarray, *, model: nn.Module | Net, resolution: int, detect_body: bool,
+def method(frame: np.ndarray, *, model: OpenPose | Net, resolution: int, detect_body: bool, detect_hand: bool,
            scale_stick_for_xinsr_cn: bool) -> tuple[np.ndarray, dict]:
-    """The registry's `openpose` method (body)."""
-    return openpose_frame(frame, model=model, resolution=resolution, body=detect_body,
+    """The registry's `openpose` method (body, hands)."""
+    return openpose_frame(frame, model=model, resolution=resolution, body=detect_body, hands=detect_hand,
                           xinsr_sticks=scale_stick_for_xinsr_cn)
 
