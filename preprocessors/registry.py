@@ -175,7 +175,7 @@ PARAMS: tuple[Param, ...] = (
     # pose (issue 22): Aux's DWPose/OpenPose widget names, as on/off toggles
     Param("detect_body", "bool", True, tooltip="dwpose, openpose: draw (and output) the body sticks and joints"),
     Param("detect_hand", "bool", True, tooltip="dwpose, openpose: draw (and output) the hand keypoints"),
-    Param("detect_face", "bool", True, tooltip="dwpose: draw (and output) the face keypoints"),
+    Param("detect_face", "bool", True, tooltip="dwpose, openpose: draw (and output) the face keypoints"),
     Param("scale_stick_for_xinsr_cn", "bool", False,
           tooltip="dwpose, openpose: thicker limbs on big images, for xinsir's SDXL openpose ControlNet (trained so)"),
 )
@@ -579,11 +579,12 @@ _builtin(
 )
 
 _builtin(
-    "openpose", _net("openpose", "method"), ("detect_body", "detect_hand", "scale_stick_for_xinsr_cn"),
+    "openpose", _net("openpose", "method"), ("detect_body", "detect_hand", "detect_face", "scale_stick_for_xinsr_cn"),
     "control_v11p_sd15_openpose, control_sd15_openpose, t2iadapter_openpose, SDXL openpose ControlNets",
-    "OpenPose body (CMU's 18-keypoint PAF network) and hands (hand_pose_model.pth) as Aux's OpenPose "
-    "preprocessor: detected and drawn at `resolution`, on black. Face: use dwpose.",
+    "OpenPose body (CMU's 18-keypoint PAF network), hands and face as Aux's OpenPose preprocessor: "
+    "detected and drawn at `resolution`, on black.",
     full_frame=True, returns_data=True, load_weights=_net("openpose", "load"),
     weights=Weights(("body_pose_model.pth",), "https://huggingface.co/lllyasviel/Annotators"),
-    weights_doc="body_pose_model.pth (+ hand_pose_model.pth for hands) from https://huggingface.co/lllyasviel/Annotators",
+    weights_doc="body_pose_model.pth (+ hand_pose_model.pth, facenet.pth for hands and face) from "
+                "https://huggingface.co/lllyasviel/Annotators",
 )

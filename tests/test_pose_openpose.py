@@ -135,7 +135,7 @@ def test_method_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(O.BodyNet, "forward", lambda self, x: synthetic_maps(x.shape[2] // 8, x.shape[3] // 8, people))
     frame = np.random.default_rng(0).uniform(0, 1, (300, 400, 3)).astype(np.float32)
     data = []
-    out = pp.run("openpose", frame, resolution=256, weights_path=path, data_out=data, detect_hand=False)
+    out = pp.run("openpose", frame, resolution=256, weights_path=path, data_out=data, detect_hand=False, detect_face=False)
     assert out.shape == (1, 300, 400, 3) and out.max() > 0.5
     (frame_data,) = data
     assert (frame_data["canvas_height"], frame_data["canvas_width"]) == (256, 341)  # Aux: the detect size
@@ -145,7 +145,7 @@ def test_method_end_to_end(tmp_path, monkeypatch):
     # the picture is Aux's drawing at the padded detect size, cut to 256 x 341 and resized back
     picture, _ = O.openpose_frame(frame, model=O.load(path), resolution=256)
     assert picture.shape == (256, 341, 3)
-    off = pp.run("openpose", frame, resolution=256, weights_path=path, detect_body=False, detect_hand=False)
+    off = pp.run("openpose", frame, resolution=256, weights_path=path, detect_body=False, detect_hand=False, detect_face=False)
     assert off.max() == 0
 
 
@@ -231,7 +231,7 @@ def test_hands_missing_file_is_a_sentence(tmp_path, monkeypatch):
     torch.save(_real_layout(_random_body()), tmp_path / "body_pose_model.pth")
     model = O.load(tmp_path / "body_pose_model.pth")
     with pytest.raises(pp.PreprocessorError, match="hand_pose_model.pth.*lllyasviel/Annotators.*detect_hand off"):
-        model.hand_net()
+        model.part("hand")
 
 
 def test_method_with_hands(tmp_path, monkeypatch):
@@ -243,10 +243,77 @@ def test_method_with_hands(tmp_path, monkeypatch):
     frame = np.random.default_rng(1).uniform(0, 1, (512, 512, 3)).astype(np.float32)
     data = []
     with_hands = pp.run("openpose", frame, resolution=512, weights_path=tmp_path / "body_pose_model.pth",
-                        data_out=data)
+                        data_out=data, detect_face=False)
     person = data[0]["people"][0]
     assert len(person["hand_left_keypoints_2d"]) == len(person["hand_right_keypoints_2d"]) == 63
     body_only = pp.run("openpose", frame, resolution=512, weights_path=tmp_path / "body_pose_model.pth",
-                       detect_hand=False)
+                       detect_hand=False, detect_face=False)
     blue = (with_hands[0] == [0, 0, 1]).all(-1).sum()  # hand joints are blue (and one body joint)
     assert blue > (body_only[0] == [0, 0, 1]).all(-1).sum() + 200
+
+
+# ----------------------------------------------------------------------------- face
+
+
+def _cna_face(monkeypatch):
+    """controlnet-aux's open_pose/face.py; it imports torchvision's ToTensor/ToPILImage at the top
+    (unused by the code compared here), and torchvision does not install beside CPU torch: a stand-in."""
+    import sys
+    import types
+
+    if "torchvision" not in sys.modules:
+        tv = types.ModuleType("torchvision")
+        tv.transforms = types.SimpleNamespace(ToTensor=object, ToPILImage=object)
+        monkeypatch.setitem(sys.modules, "torchvision", tv)
+        monkeypatch.setitem(sys.modules, "torchvision.transforms", tv.transforms)
+    cna("open_pose.util")
+    return cna("open_pose.face")
+
+
+def test_face_network_matches_controlnet_aux(tmp_path, monkeypatch):
+    face = _cna_face(monkeypatch)
+    torch.save(_random(O.FaceNet(), 4).state_dict(), tmp_path / "facenet.pth")  # top-level names, as released
+    torch.save(_real_layout(_random_body()), tmp_path / "body_pose_model.pth")
+    ours = O.load(tmp_path / "body_pose_model.pth").face
+    ref = face.FaceNet()
+    ref.load_state_dict(torch.load(tmp_path / "facenet.pth"))
+    x = torch.rand(1, 3, 384, 384) - 0.5
+    with torch.no_grad():
+        a, b = ours(x), ref.eval()(x)[-1]
+    assert a.shape == b.shape == (1, 71, 48, 48) and b.std() > 0
+    assert float((a - b).abs().max() / b.abs().max()) <= 1e-4
+
+
+class FaceMaps(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        maps = np.zeros((71, 48, 48))
+        for j in range(69):  # 2 maps stay empty: they are left out
+            maps[j, 5 + (j * 7) % 38, 5 + (j * 11) % 38] = 0.5 + j / 200
+        return [torch.from_numpy(maps[None]).float()]
+
+
+@pytest.mark.parametrize("side", [40, 133])
+def test_face_points_match_controlnet_aux_face(side, monkeypatch):
+    face = _cna_face(monkeypatch)
+    crop = np.random.default_rng(side).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    ref = face.Face.__new__(face.Face)
+    ref.model, ref.device = FaceMaps(), "cpu"
+    want = ref.compute_peaks_from_heatmaps(ref(crop))
+    monkeypatch.setattr(FaceMaps, "__call__", lambda self, x: FaceMaps.forward(self, x)[-1])
+    got = O.face_points(FaceMaps(), crop, torch.device("cpu"))
+    np.testing.assert_array_equal(got, want)
+    assert got.shape == (69, 2)
+
+
+def test_face_box_by_hand():
+    body = [None] * 18
+    body[0], body[14], body[16] = O.Keypoint(200, 100), O.Keypoint(190, 95), O.Keypoint(170, 100)
+    # side = max(10 x 3, 30 x 1.5) = 45; box at (155, 55), 90 wide (Aux doubles it unless clipped)
+    assert O.face_box(body, 400, 400) == (155, 55, 90)
+    assert O.face_box(body, 400, 180) == (155, 55, 25)  # clipped at the right edge: 180 - 155
+    body[14] = body[16] = None
+    assert O.face_box(body, 400, 400) is None

@@ -1,7 +1,7 @@
 """OpenPose body (CMU's 18-keypoint, 6-stage PAF network) as Aux's OpenPose preprocessor runs it:
 `body_pose_model.pth` (lllyasviel/Annotators), our torch network, Aux's pre/post-processing and its
 drawing (nets/pose_draw.py, shared with dwpose); hands from `hand_pose_model.pth` (same repository,
-found next to the body file or by name). The face network (facenet.pth) is not done yet.
+found next to the body file or by name) and the face from `facenet.pth` (likewise).
 
 Aux's recipe (open_pose/__init__.py, body.py), kept step for step because the openpose
 ControlNets were trained on its pictures: the image (uint8 RGB) resized so its short side is
@@ -33,6 +33,7 @@ from .pose_draw import Keypoint, Pose, draw_poses, poses_to_json
 
 BODY_FILES = ("body_pose_model.pth",)
 HAND_FILES = ("hand_pose_model.pth",)
+FACE_FILES = ("facenet.pth",)
 SOURCE = "https://huggingface.co/lllyasviel/Annotators"
 
 # (name, in, out, kernel) for convs, (name,) for the 2x2 max pools; the file's caffe layer names.
@@ -119,45 +120,87 @@ class HandNet(nn.Module):
         return out
 
 
+class FaceNet(nn.Module):
+    """OpenPose's face network: (N, 3, 384, 384) BGR in [-0.5, 0.5) -> the last stage's 71 maps at
+    1/8 (70 points + background). Its file names the layers at the top level (conv1_1, Mconv7_stage6)."""
+
+    _TABLE = [e for e in _HAND_VGG] + [("conv6_1_CPM", 128, 512, 1), ("conv6_2_CPM", 512, 71, 1)]
+
+    def __init__(self):
+        super().__init__()
+        self.order: list[str] = []
+        for e in self._TABLE:
+            if len(e) == 1:
+                self.order.append("pool")
+                continue
+            name, cin, cout, k = e
+            self.add_module(name, nn.Conv2d(cin, cout, k, 1, k // 2))
+            self.order.append(name)
+        for t in range(2, 7):
+            for i, (cin, cout, k) in enumerate([(199, 128, 7)] + [(128, 128, 7)] * 4 + [(128, 128, 1), (128, 71, 1)]):
+                self.add_module(f"Mconv{i + 1}_stage{t}", nn.Conv2d(cin, cout, k, 1, k // 2))
+
+    def _conv(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        h = getattr(self, name)(h)
+        return h if name in _NO_RELU else torch.relu(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for name in self.order:
+            h = nn.functional.max_pool2d(h, 2, 2) if name == "pool" else self._conv(name, h)
+            if name == "conv5_3_CPM":
+                feat = h
+        for t in range(2, 7):
+            h = torch.cat([h, feat], 1)
+            for i in range(1, 8):
+                h = self._conv(f"Mconv{i}_stage{t}", h)
+        return h
+
+
 def _load_caffe(net: nn.Module, path: Path, what: str) -> nn.Module:
     """A CMU file (caffe layer names, without our first module-name part) into `net`."""
     sd = read_state_dict(path)
-    if not any(k.split(".", 1)[0].startswith("model") for k in sd):
+    if not isinstance(net, FaceNet) and not any(k.split(".", 1)[0].startswith("model") for k in sd):
         sd = {k: sd[k.split(".", 1)[1]] for k in net.state_dict() if k.split(".", 1)[1] in sd}
     load_into(net, sd, path=path, what=what)
     return net.eval()
 
 
-class OpenPose(nn.Module):
-    """The body network and, when its file is there, the hand network; `.to()` moves both."""
+_PARTS = {"hand": (HandNet, HAND_FILES, "detect_hand"), "face": (FaceNet, FACE_FILES, "detect_face")}
 
-    def __init__(self, body: BodyNet, hand: Optional[HandNet], body_path: Path):
+
+class OpenPose(nn.Module):
+    """The body network and, when their files are there, the hand and face networks; `.to()` moves all."""
+
+    def __init__(self, body: BodyNet, body_path: Path, hand: Optional[HandNet] = None, face: Optional[FaceNet] = None):
         super().__init__()
-        self.body, self.hand = body, hand
+        self.body, self.hand, self.face = body, hand, face
         self.body_path = Path(body_path)
 
-    def hand_net(self) -> HandNet:
-        """The hand network, loaded on first use from hand_pose_model.pth (next to the body file, else
+    def part(self, name: str) -> nn.Module:
+        """The hand / face network, loaded on first use from its file (next to the body file, else
         found by name); a sentence when it is nowhere."""
-        if self.hand is None:
-            path = self.body_path.with_name(HAND_FILES[0])
+        if getattr(self, name) is None:
+            cls, files, widget = _PARTS[name]
+            path = self.body_path.with_name(files[0])
             if not path.is_file():
                 try:
-                    path = find_weights(HAND_FILES, source=SOURCE)
+                    path = find_weights(files, source=SOURCE)
                 except PreprocessorError as e:
-                    raise PreprocessorError(f"openpose hands need {HAND_FILES[0]}: {e}; or turn detect_hand off") from None
+                    raise PreprocessorError(f"openpose {name}s need {files[0]}: {e}; or turn {widget} off") from None
             device = next(self.body.parameters()).device
-            self.hand = _load_caffe(HandNet(), path, "the OpenPose hand network (hand_pose_model.pth)").to(device)
-        return self.hand
+            setattr(self, name, _load_caffe(cls(), path, f"the OpenPose {name} network ({files[0]})").to(device))
+        return getattr(self, name)
 
 
 def load(path: Path) -> OpenPose:
-    """body_pose_model.pth (and hand_pose_model.pth beside it, if there) -> OpenPose."""
+    """body_pose_model.pth (and hand_pose_model.pth / facenet.pth beside it, if there) -> OpenPose."""
     path = Path(path)
-    body = _load_caffe(BodyNet(), path, "the OpenPose body network (body_pose_model.pth)")
-    hand_path = path.with_name(HAND_FILES[0])
-    hand = _load_caffe(HandNet(), hand_path, "the OpenPose hand network (hand_pose_model.pth)") if hand_path.is_file() else None
-    return OpenPose(body, hand, path).eval()
+    model = OpenPose(_load_caffe(BodyNet(), path, "the OpenPose body network (body_pose_model.pth)"), path)
+    for name in _PARTS:
+        if path.with_name(_PARTS[name][1][0]).is_file():
+            model.part(name)
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------- Aux's recipe
@@ -348,7 +391,39 @@ def hand_points(net: nn.Module, crop: np.ndarray, device: torch.device) -> np.nd
     return np.array(out)
 
 
-def detect(model: OpenPose | BodyNet, rgb: np.ndarray, device: torch.device, hands: bool = False) -> list[Pose]:
+def face_box(body: list, h: int, w: int) -> Optional[tuple[int, int, int]]:
+    """(x, y, side) of the face box from the nose, eyes and ears (pixels), as Aux's faceDetect
+    (including its clipping against x + side, not x + 2 side); None if too small (< 20 px)."""
+    head, others = body[0], [(body[i], f) for i, f in ((14, 3.0), (15, 3.0), (16, 1.5), (17, 1.5))]
+    if head is None or all(k is None for k, _ in others):
+        return None
+    side = 0.0
+    for k, factor in others:
+        if k is not None:
+            side = max(side, max(abs(head.x - k.x), abs(head.y - k.y)) * factor)
+    x, y = max(head.x - side, 0), max(head.y - side, 0)
+    side = min(w - x if x + side > w else side * 2, h - y if y + side > h else side * 2)
+    return (int(x), int(y), int(side)) if side >= 20 else None
+
+
+def face_points(net: nn.Module, crop: np.ndarray, device: torch.device) -> np.ndarray:
+    """(x, y) per face map with a value > 0.05 (its argmax), in crop pixels; maps with none are left
+    out (so fewer than 71 rows), as Aux's Face does."""
+    h, w = crop.shape[:2]
+    x = torch.from_numpy(_resize_like_aux(crop, 384, 384)).permute(2, 0, 1) / 256.0 - 0.5
+    with torch.inference_mode():
+        maps = net(x[None].to(device))
+        maps = torch.nn.functional.interpolate(maps, (h, w), mode="bilinear", align_corners=True)[0].cpu().numpy()
+    out = []
+    for m in maps:
+        if (m > 0.05).any():
+            row, col = np.unravel_index(int(np.argmax(m)), m.shape)  # the first maximum, row-major
+            out.append([col, row])
+    return np.array(out)
+
+
+def detect(model: OpenPose | BodyNet, rgb: np.ndarray, device: torch.device, hands: bool = False,
+           face: bool = False) -> list[Pose]:
     """People's keypoints in an RGB uint8 image, normalised to [0, 1] by its size (as Aux)."""
     body_net = model.body if isinstance(model, OpenPose) else model
     bgr = rgb[:, :, ::-1].copy()
@@ -361,13 +436,27 @@ def detect(model: OpenPose | BodyNet, rgb: np.ndarray, device: torch.device, han
         found = {True: None, False: None}
         if hands:
             for x, y, side, is_left in hand_boxes(pix, h, w):
-                pts = hand_points(model.hand_net(), bgr[y : y + side, x : x + side], device).astype(np.float32)
-                px = np.where(pts[:, 0] < 1e-6, -1, pts[:, 0] + x) / float(w)
-                py = np.where(pts[:, 1] < 1e-6, -1, pts[:, 1] + y) / float(h)
-                found[is_left] = [Keypoint(a, b) for a, b in zip(px, py)]
+                pts = hand_points(model.part("hand"), bgr[y : y + side, x : x + side], device)
+                found[is_left] = _to_image(pts, x, y, h, w)
+        face_pts = None
+        box = face_box(pix, h, w) if face else None
+        if box is not None:
+            x, y, side = box
+            face_pts = _to_image(face_points(model.part("face"), bgr[y : y + side, x : x + side], device), x, y, h, w)
         body = [Keypoint(k.x / float(w), k.y / float(h)) if k is not None else None for k in pix]
-        poses.append(Pose(body, found[True], found[False]))
+        poses.append(Pose(body, found[True], found[False], face_pts))
     return poses
+
+
+def _to_image(pts: np.ndarray, x: int, y: int, h: int, w: int) -> Optional[list[Keypoint]]:
+    """Crop points to normalised image coordinates; (0, 0) "not found" points become negative (drawn
+    nowhere), as in Aux."""
+    pts = pts.astype(np.float32)
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        return None
+    px = np.where(pts[:, 0] < 1e-6, -1, pts[:, 0] + x) / float(w)
+    py = np.where(pts[:, 1] < 1e-6, -1, pts[:, 1] + y) / float(h)
+    return [Keypoint(a, b) for a, b in zip(px, py)]
 
 
 def _aux_resize(img: np.ndarray, resolution: int) -> tuple[np.ndarray, int, int]:
@@ -383,7 +472,7 @@ def _aux_resize(img: np.ndarray, resolution: int) -> tuple[np.ndarray, int, int]
 
 
 def openpose_frame(frame: np.ndarray, *, model: OpenPose | Net, resolution: int, body: bool = True,
-                   hands: bool = False, xinsr_sticks: bool = False) -> tuple[np.ndarray, dict]:
+                   hands: bool = False, face: bool = False, xinsr_sticks: bool = False) -> tuple[np.ndarray, dict]:
     """One float RGB frame -> (the pose picture at `resolution` (short side) as float [0, 1], its
     OpenPose JSON with coordinates normalised to [0, 1], as Aux's OpenPose node outputs it)."""
     if isinstance(model, Net):
@@ -393,15 +482,15 @@ def openpose_frame(frame: np.ndarray, *, model: OpenPose | Net, resolution: int,
         device = next(model.parameters()).device
     img = (frame * np.float32(255.0)).astype(np.uint8)
     padded, th, tw = _aux_resize(img, resolution)
-    poses = detect(model, padded, device, hands=hands)
-    canvas = draw_poses(poses, padded.shape[0], padded.shape[1], body=body, hands=hands, face=False, xinsr=xinsr_sticks)
+    poses = detect(model, padded, device, hands=hands, face=face)
+    canvas = draw_poses(poses, padded.shape[0], padded.shape[1], body=body, hands=hands, face=face, xinsr=xinsr_sticks)
     picture = canvas[:th, :tw]
-    return picture.astype(np.float32) / np.float32(255.0), poses_to_json(poses, th, tw, body, hands, False)
+    return picture.astype(np.float32) / np.float32(255.0), poses_to_json(poses, th, tw, body, hands, face)
 
 
 def method(frame: np.ndarray, *, model: OpenPose | Net, resolution: int, detect_body: bool, detect_hand: bool,
-           scale_stick_for_xinsr_cn: bool) -> tuple[np.ndarray, dict]:
-    """The registry's `openpose` method (body, hands)."""
+           detect_face: bool, scale_stick_for_xinsr_cn: bool) -> tuple[np.ndarray, dict]:
+    """The registry's `openpose` method (body, hands, face)."""
     return openpose_frame(frame, model=model, resolution=resolution, body=detect_body, hands=detect_hand,
-                          xinsr_sticks=scale_stick_for_xinsr_cn)
+                          face=detect_face, xinsr_sticks=scale_stick_for_xinsr_cn)
 
