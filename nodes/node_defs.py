@@ -188,7 +188,7 @@ class PoseKeypoints:
     this node shows only the pose methods and their widgets. Both make the same picture."""
 
     DESCRIPTION = (
-        "Finds people's body, hand and face keypoints (DWPose), draws them as the pose ControlNets expect and "
+        "Finds people's body, hand and face keypoints (DWPose or OpenPose), draws them as the pose ControlNets expect and "
         "also outputs them as OpenPose JSON (POSE_KEYPOINT) for pose editors; no downloads."
     )
 
@@ -201,7 +201,8 @@ class PoseKeypoints:
         required: dict[str, Any] = {
             "image": ("IMAGE", {"tooltip": "The image(s) to find people in."}),
             "method": (methods, {"default": methods[0], "tooltip": "dwpose: YOLOX person boxes + RTMPose "
-                                                                   "whole-body keypoints."}),
+                                                                   "whole-body keypoints (best); openpose: CMU's "
+                                                                   "body, hand and face networks."}),
             "resolution": ("INT", {"default": 512, "min": 64, "max": 16384, "step": 8,
                                    "tooltip": "Short side (pixels) the picture is drawn at before it is resized "
                                               "to the input size (as Aux's detect resolution)."}),
