@@ -1,5 +1,5 @@
-"""DWPose speed and memory: our torch interpreter of the ONNX graphs vs onnxruntime (Aux's DWPose
-backend on a machine with onnxruntime; Aux falls back to cv2.dnn where onnxruntime has no GPU).
+"""DWPose speed and memory: our torch interpreter of the ONNX graphs vs onnxruntime and cv2.dnn, the
+two CPU backends of Aux's DWPose (Aux takes cv2.dnn unless onnxruntime has a GPU provider).
 
 Files: full-size random-weight exports of the two networks (tests/helpers_pose.py: YOLOX-L and
 RTMPose-L at width/depth 1.0, the real files' topology, opset 11), or the real files with
@@ -9,7 +9,8 @@ RTMPose-L at width/depth 1.0, the real files' topology, opset 11), or the real f
 * detector: one YOLOX forward at 640 x 640;
 * pose xN: one RTMPose forward on N person crops (1 and 5);
 * dwpose: the whole method on one 768 x 512 frame (boxes, crops, keypoints, drawing) — both
-  backends go through the same pre/post code, so this column differs only by the networks.
+  backends go through the same pre/post code, so this column differs only by the networks;
+* peak_mib: the child's peak resident size (VmHWM) above its size after importing torch.
 
 Times: median of --repeats runs after one warm-up. With random weights the detector finds some
 number of "people"; it is printed, and is the same for both backends (the same graph).
@@ -44,6 +45,26 @@ if backend == "ours":
     def run(graph, x):
         with torch.inference_mode():
             return [o.numpy() for o in graph(torch.from_numpy(x))]
+elif backend == "cv2.dnn":  # Aux's CPU path when onnxruntime has no GPU provider: one crop at a time
+    import cv2
+    cv2.setNumThreads(threads)
+    class Graph:
+        def __init__(self, path, outputs):
+            self.net, self.outputs = cv2.dnn.readNetFromONNX(path), outputs
+            self.net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+            self.source, self.float_dtype = path, torch.float32
+        def __call__(self, x):
+            outs = []
+            for i in range(x.shape[0]):
+                self.net.setInput(np.ascontiguousarray(x[i : i + 1].numpy()))
+                outs.append(self.net.forward(self.outputs))
+            return tuple(torch.from_numpy(np.concatenate([o[k] for o in outs])) for k in range(len(self.outputs)))
+        def buffers(self):
+            return iter(())
+    det = Graph(folder + "/yolox_l.onnx", ["output"])
+    pose = Graph(folder + "/dw-ll_ucoco_384.onnx", ["simcc_x", "simcc_y"])
+    def run(graph, x):
+        return [o.numpy() for o in graph(torch.from_numpy(x))]
 else:
     import onnxruntime as ort
     opts = ort.SessionOptions()
@@ -81,8 +102,10 @@ for n in (1, 5):
 data = []
 out["dwpose_s"] = timed(lambda: data.append(D.dwpose_frame(frame, model=model, resolution=512)[1]))
 out["people"] = len(data[-1]["people"])
-import resource
-out["peak_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**20
+# VmHWM, not ru_maxrss: the latter keeps the parent's peak across exec (the parent built the files)
+with open("/proc/self/status") as f:
+    hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+out["peak_mib"] = (hwm - base) / 2**20
 print(json.dumps(out))
 """
 
@@ -112,12 +135,12 @@ def main() -> int:
         sizes = {f: (folder / f).stat().st_size / 2**20 for f in ("yolox_l.onnx", "dw-ll_ucoco_384.onnx")}
         rows = {}
         env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads), "PATH": "/usr/bin:/bin"}
-        for backend in ("ours", "onnxruntime"):
+        for backend in ("ours", "onnxruntime", "cv2.dnn"):
             r = subprocess.run([sys.executable, "-c", CHILD, backend, str(folder), str(args.threads), str(args.repeats)],
                                capture_output=True, text=True, env=env, cwd=ROOT.parent)
             if r.returncode:
-                print(r.stderr, file=sys.stderr)
-                return 1
+                print(f"{backend} failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+                continue
             rows[backend] = json.loads(r.stdout.strip().splitlines()[-1])
     print(f"machine: {measure.machine()}; {args.threads} threads; torch CPU; "
           f"files: {'real' if args.files else 'random weights, full size'} "
