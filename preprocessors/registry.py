@@ -394,12 +394,12 @@ def run(
         # The whole chain per frame: the working set stays in cache, and frames run in parallel
         # (OpenCV and large numpy operations release the GIL). Frames never interact, so the
         # result does not depend on the batch or the thread that made it.
-        work = resize(frame_to_float(raw[i : i + 1]), wh, ww)
+        frame = frame_to_float(raw[i : i + 1])
+        work = frame if m.full_frame else resize(frame, wh, ww)
         frame_kw = dict(kw)
         if m.needs_mask:
             frame_kw["mask"] = kw["mask"][i : i + 1] if m.batched else kw["mask"][i]
         if m.full_frame:
-            work = frame_to_float(raw[i : i + 1])
             frame_kw["resolution"] = resolution
         r = m.fn(work, **frame_kw) if m.batched else m.fn(work[0], **frame_kw)
         if m.returns_data:
