@@ -59,7 +59,7 @@ elif backend == "cv2.dnn":  # Aux's CPU path when onnxruntime has no GPU provide
                 self.net.setInput(np.ascontiguousarray(x[i : i + 1].numpy()))
                 outs.append(self.net.forward(self.outputs))
             return tuple(torch.from_numpy(np.concatenate([o[k] for o in outs])) for k in range(len(self.outputs)))
-        def buffers(self):
+        def parameters(self):
             return iter(())
     det = Graph(folder + "/yolox_l.onnx", ["output"])
     pose = Graph(folder + "/dw-ll_ucoco_384.onnx", ["simcc_x", "simcc_y"])
@@ -76,7 +76,7 @@ else:
             self.source, self.float_dtype = path, torch.float32
         def __call__(self, x):
             return tuple(torch.from_numpy(o) for o in self.sess.run(None, {self.sess.get_inputs()[0].name: x.numpy()}))
-        def buffers(self):
+        def parameters(self):
             return iter(())
     det, pose = Graph(folder + "/yolox_l.onnx"), Graph(folder + "/dw-ll_ucoco_384.onnx")
     def run(graph, x):

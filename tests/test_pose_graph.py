@@ -126,3 +126,12 @@ def test_unknown_operator_is_named(tmp_path):
     assert "NonMaxSuppression" not in OPS
     with pytest.raises(PreprocessorError, match="NonMaxSuppression"):
         load_onnx(path)
+
+
+def test_weights_are_in_the_state_dict(rtm_file):
+    # ComfyUI's model management sizes a model by its state dict and moves its parameters
+    g = load_onnx(rtm_file)
+    inits = parse_model(rtm_file.read_bytes()).initializers
+    size = sum(t.numel() * t.element_size() for t in g.state_dict().values())
+    assert size >= sum(a.nbytes for a in inits.values()) > 1e6
+    assert all(not p.requires_grad for p in g.parameters()) and len(list(g.parameters())) > 50

@@ -196,7 +196,7 @@ class DWPose(torch.nn.Module):
         self.pose_size = pose_size
 
     def _device(self) -> torch.device:
-        for b in self.pose.buffers():
+        for b in self.pose.parameters():
             return b.device
         return torch.device("cpu")
 

@@ -694,7 +694,7 @@ OPS: dict[str, Callable[[Node, list, int], list]] = {
 class OnnxGraph(torch.nn.Module):
     """An ONNX graph as a torch module: `forward(*inputs) -> tuple of outputs` (graph order).
 
-    Initializers and Constant nodes are buffers (`.to(device)` / `.half()` move them); the nodes
+    Initializers and Constant nodes are parameters / buffers (`.to(device)` / `.half()` move them); the nodes
     run in file order, which ONNX requires to be topological. Values are dropped after their last
     use, so peak memory is that of the live activations, not of every intermediate."""
 
@@ -738,15 +738,19 @@ class OnnxGraph(torch.nn.Module):
             self._last_use[name] = len(self.nodes)
 
     def _register(self, attr: str, name: str, arr: np.ndarray) -> None:
+        # Float weights as (frozen) parameters, the rest as buffers: ComfyUI's ModelPatcher counts a
+        # module's size from its state dict and moves parameters when it loads a model in parts.
         t = torch.from_numpy(np.array(arr, copy=True))
-        self.register_buffer(attr, t, persistent=False)
+        if t.is_floating_point():
+            self.register_parameter(attr, torch.nn.Parameter(t, requires_grad=False))
+        else:
+            self.register_buffer(attr, t)
         self._slot[name] = attr
 
     @property
     def float_dtype(self) -> torch.dtype:
-        for b in self.buffers():
-            if b.is_floating_point():
-                return b.dtype
+        for p in self.parameters():
+            return p.dtype
         return torch.float32
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
