@@ -348,3 +348,10 @@ def test_pose_workflow_uses_dwpose_and_an_openpose_controlnet():
     assert "openpose" in loader["inputs"]["control_net_name"]
     apply = [n for n in api.values() if n["class_type"] == "CNCore_ApplyControlNet"][0]
     assert apply["inputs"]["image"][0] == [k for k, n in api.items() if n is pose[0]][0]
+
+
+def test_torchscript_file_is_refused_with_what_to_get(tmp_path):
+    ts = tmp_path / "dw-ll_ucoco_384_bs5.torchscript.pt"
+    ts.write_bytes(b"PK\x03\x04 a zip")
+    with pytest.raises(pp.PreprocessorError, match="not an .onnx file.*dw-ll_ucoco_384.onnx from https://huggingface.co/yzd-v/DWPose"):
+        pp.run("dwpose", _image(), weights_path=ts)

@@ -247,6 +247,11 @@ def load(pose_path: Path, detector_path: Optional[Path] = None) -> DWPose:
     """The DWPose model from its two files. The detector: `detector_path`, else yolox_l.onnx next to
     the pose file (Aux keeps both in ckpts/yzd-v/DWPose), else wherever `find_weights` finds it."""
     pose_path = Path(pose_path)
+    if pose_path.suffix != ".onnx":
+        raise PreprocessorError(
+            f"{pose_path.name} is not an .onnx file (the TorchScript variants are not read: loading them runs "
+            f"the archive's code); put {POSE_FILES[0]} from {SOURCE} in {pose_path.parent} (Aux reads it too)"
+        )
     if detector_path is None:
         detector_path = pose_path.with_name(DETECTOR_FILES[0])
         if not detector_path.is_file():
@@ -257,7 +262,7 @@ def load(pose_path: Path, detector_path: Optional[Path] = None) -> DWPose:
                     f"dwpose needs the person detector {DETECTOR_FILES[0]} besides {pose_path.name}: {e}; "
                     f"the folder of {pose_path.name} ({pose_path.parent}) is a good place"
                 ) from None
-    if pose_path.suffix != ".onnx" or Path(detector_path).suffix != ".onnx":
+    if Path(detector_path).suffix != ".onnx":
         raise PreprocessorError(
             f"dwpose reads the .onnx files ({POSE_FILES[0]}, {DETECTOR_FILES[0]} from {SOURCE}); "
             f"got {pose_path.name} and {Path(detector_path).name}"
