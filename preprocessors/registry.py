@@ -574,8 +574,10 @@ _builtin(
     "and face dots on black, exactly as Aux's DWPose preprocessor draws them; runs on our torch code (no "
     "onnxruntime). The keypoints also come out as data (OpenPose JSON).",
     full_frame=True, returns_data=True, load_weights=_net("dwpose", "load"),
-    weights=Weights(("dw-ll_ucoco_384.onnx",), "https://huggingface.co/yzd-v/DWPose"),
-    weights_doc="dw-ll_ucoco_384.onnx and yolox_l.onnx from https://huggingface.co/yzd-v/DWPose (one folder)",
+    weights=Weights(("dw-ll_ucoco_384.onnx", "dw-ll_ucoco_384_bs5.torchscript.pt"),
+                    "https://huggingface.co/yzd-v/DWPose (the .torchscript.pt: hr16/DWPose-TorchScript-BatchSize5)"),
+    weights_doc="dw-ll_ucoco_384.onnx (or Aux's dw-ll_ucoco_384_bs5.torchscript.pt) and yolox_l.onnx from "
+                "https://huggingface.co/yzd-v/DWPose (one folder)",
 )
 
 _builtin(

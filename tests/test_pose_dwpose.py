@@ -245,7 +245,7 @@ def test_missing_pose_file_names_file_source_and_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(nets_files, "search_roots", lambda: [tmp_path])
     cls = NODE_CLASS_MAPPINGS["CNCore_PoseKeypoints"]
-    with pytest.raises(pp.PreprocessorError, match=r"dw-ll_ucoco_384.onnx was not found.*yzd-v/DWPose.*put it in"):
+    with pytest.raises(pp.PreprocessorError, match=r"dw-ll_ucoco_384.onnx or .*torchscript.pt was not found.*yzd-v/DWPose.*put it in"):
         cls().run(torch.zeros(1, 64, 64, 3), "dwpose", 512, False, detect_body=True, detect_hand=True,
                   detect_face=True, scale_stick_for_xinsr_cn=False)
 
@@ -350,8 +350,66 @@ def test_pose_workflow_uses_dwpose_and_an_openpose_controlnet():
     assert apply["inputs"]["image"][0] == [k for k, n in api.items() if n is pose[0]][0]
 
 
-def test_torchscript_file_is_refused_with_what_to_get(tmp_path):
+def test_damaged_torchscript_file_is_a_sentence(files, tmp_path):
     ts = tmp_path / "dw-ll_ucoco_384_bs5.torchscript.pt"
     ts.write_bytes(b"PK\x03\x04 a zip")
-    with pytest.raises(pp.PreprocessorError, match="not an .onnx file.*dw-ll_ucoco_384.onnx from https://huggingface.co/yzd-v/DWPose"):
+    (tmp_path / "yolox_l.onnx").write_bytes((files / "yolox_l.onnx").read_bytes())
+    with pytest.raises(pp.PreprocessorError, match="not a readable TorchScript weights archive.*fetch it again"):
         pp.run("dwpose", _image(), weights_path=ts)
+
+
+def _traced(folder, seed=5):
+    """A random RTMPose traced and saved as Aux's TorchScript pose file (batch 5, as hr16's)."""
+    import warnings
+
+    net = H.randomize(H.RTMPose(0.25, 0.33), seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(net, torch.randn(5, 3, 384, 288))
+    path = folder / "dw-ll_ucoco_384_bs5.torchscript.pt"
+    traced.save(str(path))
+    return net, path
+
+
+def test_torchscript_reader_equals_torch_jit_load(tmp_path):
+    import warnings
+
+    from comfyui_controlnet_core.preprocessors.nets import torchscript
+
+    net, path = _traced(tmp_path)
+    sd = torchscript.read_state_dict(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        jit = torch.jit.load(str(path))  # the reference: torch's own loader (it runs the archive's code)
+    ref = jit.state_dict()
+    assert set(sd) == set(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
+    model = D._torchscript_pose(path, (288, 384))
+    x = torch.randn(5, 3, 384, 288)  # the trace's batch: a traced graph keeps its reshape sizes
+    with torch.no_grad():
+        for a, b in zip(model(x), jit(x)):
+            assert float((a - b).abs().max() / b.abs().max()) <= 1e-4
+
+
+def test_torchscript_pose_file_gives_the_onnx_files_picture(files, tmp_path):
+    # the same random RTMPose as TorchScript and as ONNX: the same picture (a batch of 3 crops, not 5)
+    net, ts = _traced(tmp_path, seed=6)
+    (tmp_path / "yolox_l.onnx").write_bytes((files / "yolox_l.onnx").read_bytes())
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    H.export_onnx(net, torch.randn(1, 3, 384, 288), onnx_dir / "dw-ll_ucoco_384.onnx", "input", ["simcc_x", "simcc_y"])
+    (onnx_dir / "yolox_l.onnx").write_bytes((files / "yolox_l.onnx").read_bytes())
+    img = _image(seed=3)
+    a = pp.run("dwpose", img, resolution=512, weights_path=ts)
+    b = pp.run("dwpose", img, resolution=512, weights_path=onnx_dir / "dw-ll_ucoco_384.onnx")
+    assert (np.abs(a - b) > 1 / 255).mean() <= 1e-3 and a.max() > 0.5
+
+
+def test_torchscript_of_another_network_is_a_sentence(tmp_path, files):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(torch.nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8)).save(str(tmp_path / "x.torchscript.pt"))
+    (tmp_path / "yolox_l.onnx").write_bytes((files / "yolox_l.onnx").read_bytes())
+    with pytest.raises(pp.PreprocessorError, match="holds no RTMPose network"):
+        pp.run("dwpose", _image(), weights_path=tmp_path / "x.torchscript.pt")

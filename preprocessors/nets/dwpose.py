@@ -4,7 +4,9 @@ in each box, mapped to OpenPose's 18 body + 2 x 21 hand + 70 face points and dra
 Files (the user's; nothing is downloaded): `dw-ll_ucoco_384.onnx` (the pose model) and
 `yolox_l.onnx` (the person detector), both from the Hugging Face repository yzd-v/DWPose. They run
 through our ONNX interpreter (`onnx_graph.py`) on whichever device the module is moved to, so there
-is no onnxruntime and no CPU fallback.
+is no onnxruntime and no CPU fallback. The pose model may also be Aux's default TorchScript file
+`dw-ll_ucoco_384_bs5.torchscript.pt` (hr16/DWPose-TorchScript-BatchSize5): its tensors are read
+without running it (torchscript.py) into our RTMPose modules (rtmpose.py), by mmpose's module names.
 
 The pipeline follows Aux (comfyui_controlnet_aux `dwpose/`) step for step, because the pose
 ControlNets were trained on its pictures: detection and keypoints on the image at its own size
@@ -25,12 +27,13 @@ import torch
 
 from .._cv import cv2
 from ..errors import PreprocessorError
-from .files import find_weights
+from .files import find_weights, load_into
 from .host import Net
 from .onnx_graph import OnnxGraph, load_onnx
 from .pose_draw import Keypoint, Pose, draw_poses, poses_to_json, to_resolution
 
-POSE_FILES = ("dw-ll_ucoco_384.onnx",)
+POSE_FILES = ("dw-ll_ucoco_384.onnx", "dw-ll_ucoco_384_bs5.torchscript.pt")
+TORCHSCRIPT_SOURCE = "https://huggingface.co/hr16/DWPose-TorchScript-BatchSize5"
 DETECTOR_FILES = ("yolox_l.onnx",)
 SOURCE = "https://huggingface.co/yzd-v/DWPose"
 WEIGHTS_DOC = (
@@ -189,7 +192,7 @@ def to_openpose(keypoints: np.ndarray, scores: np.ndarray) -> list[Pose]:
 class DWPose(torch.nn.Module):
     """The two graphs; `.to(device)` moves both. `detect(image uint8 RGB) -> [Pose]`."""
 
-    def __init__(self, pose: OnnxGraph, detector: Optional[OnnxGraph], pose_size: tuple[int, int] = POSE_SIZE):
+    def __init__(self, pose: torch.nn.Module, detector: Optional[OnnxGraph], pose_size: tuple[int, int] = POSE_SIZE):
         super().__init__()
         self.pose = pose
         self.detector = detector
@@ -200,8 +203,9 @@ class DWPose(torch.nn.Module):
             return b.device
         return torch.device("cpu")
 
-    def _run(self, graph: OnnxGraph, x: np.ndarray) -> list[np.ndarray]:
-        t = torch.from_numpy(x).to(self._device(), graph.float_dtype)
+    def _run(self, graph: torch.nn.Module, x: np.ndarray) -> list[np.ndarray]:
+        dtype = next(iter(graph.parameters()), torch.empty(0)).dtype
+        t = torch.from_numpy(x).to(self._device(), dtype)
         with torch.inference_mode():
             return [o.float().cpu().numpy() for o in graph(t)]
 
@@ -225,7 +229,7 @@ class DWPose(torch.nn.Module):
         outs = self._run(self.pose, batch)
         if len(outs) != 2 or outs[0].ndim != 3 or outs[0].shape[1] != 133:
             raise PreprocessorError(
-                f"{self.pose.source} is not a DWPose whole-body model (outputs {[o.shape for o in outs]}, expected "
+                f"{getattr(self.pose, 'source', 'the pose model')} is not a DWPose whole-body model (outputs {[o.shape for o in outs]}, expected "
                 "simcc_x (N, 133, 576) and simcc_y (N, 133, 768)); use dw-ll_ucoco_384.onnx"
             )
         locs, scores = simcc_decode(*outs)
@@ -247,10 +251,10 @@ def load(pose_path: Path, detector_path: Optional[Path] = None) -> DWPose:
     """The DWPose model from its two files. The detector: `detector_path`, else yolox_l.onnx next to
     the pose file (Aux keeps both in ckpts/yzd-v/DWPose), else wherever `find_weights` finds it."""
     pose_path = Path(pose_path)
-    if pose_path.suffix != ".onnx":
+    if pose_path.suffix != ".onnx" and not pose_path.name.endswith(".torchscript.pt"):
         raise PreprocessorError(
-            f"{pose_path.name} is not an .onnx file (the TorchScript variants are not read: loading them runs "
-            f"the archive's code); put {POSE_FILES[0]} from {SOURCE} in {pose_path.parent} (Aux reads it too)"
+            f"{pose_path.name} is neither an .onnx nor a .torchscript.pt file; put {POSE_FILES[0]} from {SOURCE} "
+            f"in {pose_path.parent}"
         )
     if detector_path is None:
         detector_path = pose_path.with_name(DETECTOR_FILES[0])
@@ -267,7 +271,29 @@ def load(pose_path: Path, detector_path: Optional[Path] = None) -> DWPose:
             f"dwpose reads the .onnx files ({POSE_FILES[0]}, {DETECTOR_FILES[0]} from {SOURCE}); "
             f"got {pose_path.name} and {Path(detector_path).name}"
         )
-    return DWPose(load_onnx(pose_path), load_onnx(detector_path), _input_size(pose_path.name)).eval()
+    size = _input_size(pose_path.name)
+    pose = load_onnx(pose_path) if pose_path.suffix == ".onnx" else _torchscript_pose(pose_path, size)
+    return DWPose(pose, load_onnx(detector_path), size).eval()
+
+
+def _torchscript_pose(path: Path, size: tuple[int, int]) -> torch.nn.Module:
+    """An RTMPose TorchScript archive's tensors in our RTMPose (widths and depth from the shapes)."""
+    from .rtmpose import RTMPose
+    from .torchscript import read_state_dict
+
+    sd = read_state_dict(path)
+    stem, blocks = sd.get("backbone.stem.0.conv.weight"), {k.split(".")[4] for k in sd if k.startswith("backbone.stage1.1.blocks.")}
+    if stem is None or not blocks:
+        raise PreprocessorError(
+            f"{path.name} holds no RTMPose network by mmpose's names (e.g. backbone.stem.0.conv.weight); use "
+            f"{POSE_FILES[0]} from {SOURCE}"
+        )
+    net = RTMPose(widen=2 * stem.shape[0] / 64, deepen=len(blocks) / 3, input_size=size)
+    own = net.state_dict()
+    load_into(net, {k: v for k, v in sd.items() if k in own or not k.startswith(("data_preprocessor.",))},
+              path=path, what="DWPose (RTMPose) TorchScript")
+    net.source = path.name
+    return net.eval()
 
 
 def method(frame: np.ndarray, *, model: DWPose | Net, resolution: int, detect_body: bool, detect_hand: bool,
