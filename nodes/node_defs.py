@@ -161,36 +161,101 @@ class Preprocessor:
 
     def run(self, image: torch.Tensor, method: str, resolution: int, pixel_perfect: bool,
             mask: torch.Tensor | None = None, latent: dict | None = None, **params: Any) -> tuple | dict:
-        from .. import preprocessors as pp
-
-        target = None
-        if latent is not None:
-            samples = latent["samples"]
-            target = (8 * int(samples.shape[-2]), 8 * int(samples.shape[-1]))
-        elif pixel_perfect and not getattr(pp.get_method(method), "native_size", False):
-            raise pp.PreprocessorError(
-                "pixel_perfect needs the size of the image you generate: connect your latent (e.g. from Empty "
-                "Latent Image) to the preprocessor's latent input, or turn pixel_perfect off"
-            )
-        if not isinstance(image, torch.Tensor) or image.ndim != 4:
-            raise pp.PreprocessorError("image must be a ComfyUI IMAGE batch (batch, height, width, channels)")
-        frames = image.detach().cpu().float().numpy()
-        mask_np = None if mask is None else mask.detach().cpu().float().numpy()
-        adapter.remember_input(frames, mask_np, target)  # for the front end's preview of later edits
-        weights = None
-        if pp.get_method(method).load_weights is not None:  # a network: found by name, said which file
-            adapter.setup_annotators()
-            weights = pp.weights_file(method, params)
-        out = pp.run(
-            method, frames, resolution=resolution, pixel_perfect=pixel_perfect, target_hw=target, mask=mask_np,
-            progress=adapter.progress_reporter(image.shape[0]) if image.shape[0] > 1 else None,
-            weights_path=weights, **params,
-        )
-        hint = torch.from_numpy(out).to(image.device)
+        hint, weights = _make_hints(image, method, resolution, pixel_perfect, mask, latent, params)
         if weights is None:
             return (hint,)
         # The UI part shows under the node which weights file made the hint (web/preprocessor.js).
         return {"ui": {"cncore_weights": [str(weights)]}, "result": (hint,)}
+
+
+def _make_hints(image: torch.Tensor, method: str, resolution: int, pixel_perfect: bool, mask: torch.Tensor | None,
+                latent: dict | None, params: dict[str, Any], data_out: list | None = None):
+    """The Preprocessor's work, shared with Pose Keypoints: (hint IMAGE, weights file or None)."""
+    from .. import preprocessors as pp
+
+    target = None
+    if latent is not None:
+        samples = latent["samples"]
+        target = (8 * int(samples.shape[-2]), 8 * int(samples.shape[-1]))
+    elif pixel_perfect and not getattr(pp.get_method(method), "native_size", False):
+        raise pp.PreprocessorError(
+            "pixel_perfect needs the size of the image you generate: connect your latent (e.g. from Empty "
+            "Latent Image) to the preprocessor's latent input, or turn pixel_perfect off"
+        )
+    if not isinstance(image, torch.Tensor) or image.ndim != 4:
+        raise pp.PreprocessorError("image must be a ComfyUI IMAGE batch (batch, height, width, channels)")
+    frames = image.detach().cpu().float().numpy()
+    mask_np = None if mask is None else mask.detach().cpu().float().numpy()
+    adapter.remember_input(frames, mask_np, target)  # for the front end's preview of later edits
+    weights = None
+    if pp.get_method(method).load_weights is not None:  # a network: found by name, said which file
+        adapter.setup_annotators()
+        weights = pp.weights_file(method, params)
+    out = pp.run(
+        method, frames, resolution=resolution, pixel_perfect=pixel_perfect, target_hw=target, mask=mask_np,
+        progress=adapter.progress_reporter(image.shape[0]) if image.shape[0] > 1 else None,
+        weights_path=weights, data_out=data_out, **params,
+    )
+    return torch.from_numpy(out).to(image.device), weights
+
+
+POSE_KEYPOINT = "POSE_KEYPOINT"  # Aux's type name: pose editors and savers take it
+
+
+class PoseKeypoints:
+    """A pose method (dwpose, ...) with the keypoints as data beside the picture.
+
+    Why a node of its own and not a second output of the Preprocessor: the Preprocessor's outputs are
+    the same for every method, and a keypoint output would be empty for all but the pose methods;
+    this node shows only the pose methods and their widgets. Both make the same picture."""
+
+    DESCRIPTION = (
+        "Finds people's body, hand and face keypoints (DWPose or OpenPose), draws them as the pose ControlNets expect and "
+        "also outputs them as OpenPose JSON (POSE_KEYPOINT) for pose editors; no downloads."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        from .. import preprocessors as pp
+
+        methods = [m for m in pp.list_methods() if pp.get_method(m).returns_data]
+        used = {name for m in methods for name in pp.get_method(m).params}
+        required: dict[str, Any] = {
+            "image": ("IMAGE", {"tooltip": "The image(s) to find people in."}),
+            "method": (methods, {"default": methods[0], "tooltip": "dwpose: YOLOX person boxes + RTMPose "
+                                                                   "whole-body keypoints (best); openpose: CMU's "
+                                                                   "body, hand and face networks."}),
+            "resolution": ("INT", {"default": 512, "min": 64, "max": 16384, "step": 8,
+                                   "tooltip": "Short side (pixels) the picture is drawn at before it is resized "
+                                              "to the input size (as Aux's detect resolution)."}),
+            "pixel_perfect": ("BOOLEAN", {"default": False,
+                                          "tooltip": "Pick the resolution from the generated image's size (connect "
+                                                     "the latent) instead of the resolution widget."}),
+        }
+        for p in pp.PARAMS:
+            if p.name in used:
+                required[p.name] = _param_widget(p)
+        return {"required": required,
+                "optional": {"latent": ("LATENT", {"tooltip": "The latent you generate (for pixel_perfect)."})}}
+
+    RETURN_TYPES = ("IMAGE", POSE_KEYPOINT)
+    RETURN_NAMES = ("hint", "pose_keypoint")
+    OUTPUT_TOOLTIPS = (
+        "The pose picture, the size of the input image.",
+        "One OpenPose JSON dict per frame: people (pose/face/hand keypoints, x y c in input pixels), canvas size.",
+    )
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+
+    def run(self, image: torch.Tensor, method: str, resolution: int, pixel_perfect: bool,
+            latent: dict | None = None, **params: Any) -> dict:
+        import json
+
+        data: list = []
+        hint, weights = _make_hints(image, method, resolution, pixel_perfect, None, latent, params, data)
+        # openpose_json: the UI key Aux's pose nodes send (pose editors read it); cncore_weights: the file
+        return {"ui": {"openpose_json": [json.dumps(data, indent=4)], "cncore_weights": [str(weights)]},
+                "result": (hint, data)}
 
 
 class ApplyControlNet:
@@ -337,6 +402,7 @@ NODE_CLASS_MAPPINGS = {
     "CNCore_ApplyControlNet": ApplyControlNet,
     "CNCore_CombineControls": CombineControls,
     "CNCore_LoadControlNeXtUNet": LoadControlNeXtUNet,
+    "CNCore_PoseKeypoints": PoseKeypoints,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "CNCore_LoadControlNet": "Load ControlNet (CNCore)",
@@ -344,4 +410,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "CNCore_ApplyControlNet": "Apply ControlNet (CNCore)",
     "CNCore_CombineControls": "Combine ControlNets (CNCore)",
     "CNCore_LoadControlNeXtUNet": "Load ControlNeXt UNet Weights (CNCore)",
+    "CNCore_PoseKeypoints": "Pose Keypoints (CNCore)",
 }

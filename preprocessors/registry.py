@@ -20,6 +20,15 @@ size (area / bilinear), so hints look alike whatever the input size. `pixel_perf
 `target_hw` (the latent size x 8) instead picks the resolution at which the image, scaled to cover
 the target (ComfyUI's crop fit), has the target's pixel size. Pixel-wise methods (threshold,
 invert, grayscale, inpaint: `Method.native_size`) ignore both and work at the input size, exactly.
+Methods that must see the whole picture (`Method.full_frame`: the pose detectors, which find people
+and draw on the image at its own size as Aux does) get the frame at the input size and the
+working `resolution` as a keyword, and return their hint at any size (it is resized to the input).
+
+Data beside the hint
+--------------------
+A method with `Method.returns_data` returns `(hint, data)` per frame, `data` a JSON-able dict (the
+pose methods: the keypoints in the OpenPose JSON layout, see nets/pose_draw.py). `run(...,
+data_out=[])` fills the list with one entry per frame (None for methods without data).
 
 Methods that need weights (network annotators: preprocessors/nets/)
 -------------------------------------------------------------------
@@ -175,6 +184,12 @@ PARAMS: tuple[Param, ...] = (
                   "(\"safe\" mode: drops faint texture); Aux's default"),
     Param("safe_steps", "int", 2, 0, 10, 1,
           tooltip="softedge_teed: quantise the soft edges to this many levels; 0 = off (Aux's default 2)"),
+    # pose (issue 22): Aux's DWPose/OpenPose widget names, as on/off toggles
+    Param("detect_body", "bool", True, tooltip="dwpose, openpose: draw (and output) the body sticks and joints"),
+    Param("detect_hand", "bool", True, tooltip="dwpose, openpose: draw (and output) the hand keypoints"),
+    Param("detect_face", "bool", True, tooltip="dwpose, openpose: draw (and output) the face keypoints"),
+    Param("scale_stick_for_xinsr_cn", "bool", False,
+          tooltip="dwpose, openpose: thicker limbs on big images, for xinsir's SDXL openpose ControlNet (trained so)"),
 )
 _PARAM_BY_NAME = {p.name: p for p in PARAMS}
 
@@ -189,6 +204,8 @@ class Method:
     params: the names (from PARAMS) passed to fn as keywords.
     feeds: the public ControlNet(s) the hint is for.
     native_size: works at the input size (pixel-wise); `resolution` / `pixel_perfect` are ignored.
+    full_frame: fn gets the frame at the input size plus `resolution=`; returns a hint of any size.
+    returns_data: fn returns (hint, data dict); see the module docstring.
     load_weights / weights_doc / weights: see the module docstring; None for methods without weights.
     """
 
@@ -200,6 +217,8 @@ class Method:
     doc: str = ""
     native_size: bool = False
     batched: bool = False
+    full_frame: bool = False
+    returns_data: bool = False
     load_weights: Callable[[Path], Any] | None = None
     weights_doc: str = ""
     weights: "Weights | Callable[[dict[str, Any]], Weights] | None" = None
@@ -328,6 +347,7 @@ def run(
     mask=None,
     weights_path=None,
     progress: Callable[[int, int], None] | None = None,
+    data_out: list | None = None,
     **params,
 ) -> np.ndarray:
     """Make hints: float32 (N, H, W, 3) in [0, 1] at the input size (always 4-D; N = 1 for one image).
@@ -338,6 +358,7 @@ def run(
     Every frame is processed alone, so a batch gives the same hints as one call per frame.
     progress: called as `progress(frames_done, frames)` in the calling thread after each frame; an
     exception it raises (e.g. the host's "interrupted") stops the batch: frames not started are dropped.
+    data_out: a list to receive one data entry per frame (see the module docstring).
     """
     m = get_method(method)
     unknown = sorted(k for k in params if k not in _PARAM_BY_NAME)
@@ -379,17 +400,28 @@ def run(
         wh, ww = working_size(h, w, resolution)
 
     out = [None] * n
+    data: list = [None] * n
 
     def one(i: int) -> None:
         # The whole chain per frame: the working set stays in cache, and frames run in parallel
         # (OpenCV and large numpy operations release the GIL). Frames never interact, so the
         # result does not depend on the batch or the thread that made it.
-        work = resize(frame_to_float(raw[i : i + 1]), wh, ww)
+        frame = frame_to_float(raw[i : i + 1])
+        work = frame if m.full_frame else resize(frame, wh, ww)
         frame_kw = dict(kw)
         if m.needs_mask:
             frame_kw["mask"] = kw["mask"][i : i + 1] if m.batched else kw["mask"][i]
-        r = m.fn(work, **frame_kw) if m.batched else m.fn(work[0], **frame_kw)[None]
-        out[i] = resize(_as_rgb(r, work.shape, m.name), h, w, grow="linear")
+        if m.full_frame:
+            frame_kw["resolution"] = resolution
+        r = m.fn(work, **frame_kw) if m.batched else m.fn(work[0], **frame_kw)
+        if m.returns_data:
+            r, data[i] = r
+        if not m.batched:
+            r = np.asarray(r)[None]
+        shape = work.shape
+        if m.full_frame:  # any size: only the channels are checked
+            shape = tuple(np.shape(r)[:3]) + (3,)
+        out[i] = resize(_as_rgb(r, shape, m.name), h, w, grow="linear")
 
     report = progress or (lambda done, total: None)
     workers = 1 if m.load_weights is not None else min(n, _threads())
@@ -404,6 +436,8 @@ def run(
                 report(done, n)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+    if data_out is not None:
+        data_out.extend(data)
     return np.ascontiguousarray(out[0]) if n == 1 else np.concatenate(out)
 
 
@@ -554,3 +588,31 @@ register(Method(
 
 
 from . import registry_edge_nets  # noqa: E402,F401  (HED, PiDiNet, lineart, anime, TEED/AnyLine)
+
+# ------------------------------------------------------------------------------------------
+# pose (issue 22): preprocessors/nets/dwpose.py (and openpose.py), drawing/JSON in nets/pose_draw.py
+
+_builtin(
+    "dwpose", _net("dwpose", "method"), ("detect_body", "detect_hand", "detect_face", "scale_stick_for_xinsr_cn"),
+    "control_v11p_sd15_openpose, control_sd15_openpose, t2iadapter_openpose, SDXL openpose ControlNets "
+    "(xinsir: scale_stick_for_xinsr_cn), ControlNet Union's openpose type",
+    "DWPose whole-body pose (YOLOX-L person boxes + RTMPose-L, 133 keypoints) drawn as OpenPose sticks, hands "
+    "and face dots on black, exactly as Aux's DWPose preprocessor draws them; runs on our torch code (no "
+    "onnxruntime). The keypoints also come out as data (OpenPose JSON).",
+    full_frame=True, returns_data=True, load_weights=_net("dwpose", "load"),
+    weights=Weights(("dw-ll_ucoco_384.onnx", "dw-ll_ucoco_384_bs5.torchscript.pt"),
+                    "https://huggingface.co/yzd-v/DWPose (the .torchscript.pt: hr16/DWPose-TorchScript-BatchSize5)"),
+    weights_doc="dw-ll_ucoco_384.onnx (or Aux's dw-ll_ucoco_384_bs5.torchscript.pt) and yolox_l.onnx from "
+                "https://huggingface.co/yzd-v/DWPose (one folder)",
+)
+
+_builtin(
+    "openpose", _net("openpose", "method"), ("detect_body", "detect_hand", "detect_face", "scale_stick_for_xinsr_cn"),
+    "control_v11p_sd15_openpose, control_sd15_openpose, t2iadapter_openpose, SDXL openpose ControlNets",
+    "OpenPose body (CMU's 18-keypoint PAF network), hands and face as Aux's OpenPose preprocessor: "
+    "detected and drawn at `resolution`, on black.",
+    full_frame=True, returns_data=True, load_weights=_net("openpose", "load"),
+    weights=Weights(("body_pose_model.pth",), "https://huggingface.co/lllyasviel/Annotators"),
+    weights_doc="body_pose_model.pth (+ hand_pose_model.pth, facenet.pth for hands and face) from "
+                "https://huggingface.co/lllyasviel/Annotators",
+)

@@ -30,7 +30,7 @@ from helpers_models import make_tiny_config, random_controlnet
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = ("CNCore_LoadControlNet", "CNCore_Preprocessor", "CNCore_ApplyControlNet", "CNCore_CombineControls",
-       "CNCore_LoadControlNeXtUNet")
+       "CNCore_LoadControlNeXtUNet", "CNCore_PoseKeypoints")
 
 
 # ------------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def _run_python(code: str) -> subprocess.CompletedProcess:
 def test_import_needs_no_comfyui_and_does_no_heavy_work():
     r = _run_python(
         "import sys, comfyui_controlnet_core as m\n"
-        "assert len(m.NODE_CLASS_MAPPINGS) == 5\n"
+        f"assert len(m.NODE_CLASS_MAPPINGS) == {len(IDS)}\n"
         "heavy = [n for n in ('comfy', 'folder_paths', 'cv2', 'diffusers', 'comfy.model_management') if n in sys.modules]\n"
         "assert not heavy, heavy\n"
         "import torch\n"
