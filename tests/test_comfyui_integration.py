@@ -48,7 +48,7 @@ CKPT_AS_CN = "sd15_checkpoint_in_the_wrong_folder.safetensors"  # the 2 GB check
 QUANTISED = "int8_controlnet.safetensors"                       # an int8 weight: a dtype no ControlNet has
 SWAP = "replaced_controlnet.safetensors"                         # replaced on disk between prompts
 OUR_NODES = ("CNCore_LoadControlNet", "CNCore_Preprocessor", "CNCore_ApplyControlNet", "CNCore_CombineControls",
-             "CNCore_PoseKeypoints")
+             "CNCore_LoadControlNeXtUNet", "CNCore_PoseKeypoints")
 
 # Runs in ComfyUI's interpreter: random weights into ComfyUI's own classes, saved in the layouts
 # real files use (checkpoint: model.diffusion_model. / first_stage_model. / cond_stage_model.;
