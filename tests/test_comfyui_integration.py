@@ -191,7 +191,7 @@ def graph(control: str | None, loader: str = "CNCore_LoadControlNet", cn_name: s
 # ------------------------------------------------------------------------------------------
 # tests
 
-def test_object_info_lists_the_four_nodes(comfy):
+def test_object_info_lists_our_nodes(comfy):
     info = comfy.get("/object_info")
     for node in OUR_NODES:
         assert node in info, f"{node} missing from /object_info"
