@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from . import control_lora, lllite, t2i_adapter, union
+from . import control_lora, flux_controlnet, lllite, t2i_adapter, union
 from . import model as classic
 from .errors import LoadError, UnsupportedFamilyError
 from .formats import detect
@@ -188,6 +188,7 @@ FAMILY_LOADERS: dict[str, FamilyLoader] = {
     detect.CONTROL_LORA: FamilyLoader(control_lora.load, control_lora.arch),
     detect.UNION: FamilyLoader(union.load, union.arch),
     detect.LLLITE: FamilyLoader(lllite.load, lllite.arch),
+    detect.FLUX: FamilyLoader(flux_controlnet.load, flux_controlnet.arch),
 }
 
 

@@ -1,0 +1,255 @@
+"""Flux ControlNets (controlnet_core/flux_controlnet.py) against diffusers 0.42's FluxControlNetModel
+and FluxTransformer2DModel: per-block outputs, the host output with the control, the tiling rules,
+the layouts (diffusers, XLabs native, BFL-named latent), union modes, and the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfyui_controlnet_core.controlnet_core.control import Control, ControlSettings, ControlStack
+from comfyui_controlnet_core.controlnet_core.errors import InputError
+from comfyui_controlnet_core.controlnet_core.formats import detect
+from comfyui_controlnet_core.controlnet_core.host import BlockMap, StepRequest
+from comfyui_controlnet_core.controlnet_core.loader import inspect_controlnet, load_controlnet
+
+from helpers_flux import diffusers_controlnet, diffusers_host, ids, inputs, pack, rel, save_state_dict
+
+pytest.importorskip("diffusers")
+TOL = 1e-4
+
+
+def _diffusers_samples(net, inp, mode=None, scale=1.0, pixel=False):
+    x = inp["x"]
+    txt_ids, img_ids = ids(x.shape[-2], x.shape[-1], inp["context"].shape[1])
+    cond = inp["pixel_hint"] * 2 - 1 if pixel else pack(inp["latent_hint"])
+    with torch.no_grad():
+        double, single = net(
+            hidden_states=pack(x), controlnet_cond=cond,
+            controlnet_mode=None if mode is None else torch.tensor([[mode]] * x.shape[0]),
+            conditioning_scale=scale, encoder_hidden_states=inp["context"], pooled_projections=inp["y"],
+            timestep=inp["t"], img_ids=img_ids, txt_ids=txt_ids, guidance=inp["guidance"], return_dict=False,
+        )
+    return list(double or []), list(single or [])
+
+
+def _ours(net, inp, modes=(), pixel=False):
+    hint = net.embed_hint(inp["pixel_hint"] if pixel else inp["latent_hint"])
+    with torch.no_grad():
+        return net.forward(inp["x"], hint, inp["t"], inp["context"], inp["y"], inp["guidance"], modes)
+
+
+CASES = {  # name: (double, single, modes, mode used)
+    "instantx-canny-5-0": (5, 0, None, None),
+    "union-2-4-mode-3": (2, 4, 10, 3),
+    "shakker-depth-4-1": (4, 1, None, None),
+    "union-pro-2-6-0": (6, 0, None, None),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_diffusers_layout_matches_diffusers_per_block(tmp_path, case):
+    depth, single, modes, mode = CASES[case]
+    ref = diffusers_controlnet(depth, single, modes=modes, seed=3)
+    save_state_dict(ref.state_dict(), tmp_path / "cn.safetensors")
+    net = load_controlnet(tmp_path / "cn.safetensors")
+    assert net.family == "Flux ControlNet" and net.source_format == "diffusers" and net.hint_space == "latent"
+    assert (net.config.depth, net.config.depth_single, net.config.num_modes) == (depth, single, modes or 0)
+    inp = inputs()
+    want_d, want_s = _diffusers_samples(ref, inp, mode)
+    got_d, got_s = _ours(net, inp, () if mode is None else (mode,))
+    assert len(got_d) == depth and len(got_s) == single
+    for a, b in zip(got_d + got_s, want_d + want_s):
+        assert rel(a, b) <= TOL
+    assert min(float(b.abs().max()) for b in want_d + want_s) > 0.1  # re-randomised: no zero outputs
+
+
+def test_xlabs_pixel_stem_both_layouts(tmp_path):
+    """XLabs: the diffusers layout (which ComfyUI misreads as a latent net, dropping the stem) and
+    the native BFL layout of the same weights both load as pixel-hint nets matching diffusers."""
+    ref = diffusers_controlnet(2, 0, pixel=True, seed=5)
+    save_state_dict(ref.state_dict(), tmp_path / "xlabs-diffusers.safetensors")
+    net = load_controlnet(tmp_path / "xlabs-diffusers.safetensors")
+    assert net.hint_space == "pixel" and net.tiling == "cyclic" and net.source_format == "diffusers"
+    save_state_dict(net.state_dict(), tmp_path / "flux-canny-controlnet-v3.safetensors")
+    native = load_controlnet(tmp_path / "flux-canny-controlnet-v3.safetensors")
+    assert native.source_format == "xlabs" and native.hint_space == "pixel"
+    inp = inputs()
+    want_d, _ = _diffusers_samples(ref, inp, pixel=True)
+    for model in (net, native):
+        got_d, got_s = _ours(model, inp, pixel=True)
+        assert not got_s
+        for a, b in zip(got_d, want_d):
+            assert rel(a, b) <= TOL
+
+
+def test_latent_net_with_bfl_names_stays_latent(tmp_path):
+    """A latent (InstantX) net re-saved with BFL names: ComfyUI builds it as XLabs; we do not."""
+    ref = diffusers_controlnet(2, 1, seed=7)
+    save_state_dict(ref.state_dict(), tmp_path / "a.safetensors")
+    native_sd = load_controlnet(tmp_path / "a.safetensors").state_dict()
+    assert "double_blocks.0.img_attn.norm.key_norm.scale" in native_sd
+    save_state_dict(native_sd, tmp_path / "b.safetensors")
+    net = load_controlnet(tmp_path / "b.safetensors")
+    assert net.source_format == "native" and net.hint_space == "latent"
+    inp = inputs()
+    want_d, want_s = _diffusers_samples(ref, inp)
+    got_d, got_s = _ours(net, inp)
+    for a, b in zip(got_d + got_s, want_d + want_s):
+        assert rel(a, b) <= TOL
+
+
+def test_full_width_single_block_matches_diffusers(tmp_path):
+    """Flux's real width (24 heads of 128, axes 16/56/56, T5 4096, CLIP 768) at 1 double + 1 single block."""
+    ref = diffusers_controlnet(1, 1, modes=10, seed=9, heads=24, head_dim=128, axes=(16, 56, 56), context=4096,
+                               pooled=768)
+    net = load_controlnet(ref.state_dict(), name="full-width")
+    assert net.config.axes_dim == (16, 56, 56) and net.config.num_heads == 24
+    g = torch.Generator().manual_seed(2)
+    inp = {"x": torch.randn(1, 16, 4, 6, generator=g), "latent_hint": torch.randn(1, 16, 4, 6, generator=g),
+           "context": torch.randn(1, 3, 4096, generator=g), "y": torch.randn(1, 768, generator=g),
+           "t": torch.tensor([0.4]), "guidance": torch.tensor([4.0])}
+    want_d, want_s = _diffusers_samples(ref, inp, 2)
+    got_d, got_s = _ours(net, inp, (2,))
+    for a, b in zip(got_d + got_s, want_d + want_s):
+        assert rel(a, b) <= TOL
+
+
+# ------------------------------------------------------------------ the control in the host
+
+def _host_forward(host, inp, double=None, single=None, repeat=False):
+    x = inp["x"]
+    txt_ids, img_ids = ids(x.shape[-2], x.shape[-1], inp["context"].shape[1])
+    with torch.no_grad():
+        return host(hidden_states=pack(x), encoder_hidden_states=inp["context"], pooled_projections=inp["y"],
+                    timestep=inp["t"], img_ids=img_ids, txt_ids=txt_ids, guidance=inp["guidance"],
+                    controlnet_block_samples=double, controlnet_single_block_samples=single,
+                    controlnet_blocks_repeat=repeat, return_dict=False)[0]
+
+
+class _FakeVAE:
+    """A fixed stand-in for the host's VAE + latent format: 8x area pooling, then 3 -> 16 channels."""
+
+    def __init__(self):
+        self.proj = torch.randn(16, 3, generator=torch.Generator().manual_seed(11))
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        pooled = torch.nn.functional.avg_pool2d(image * 2 - 1, 8)
+        return torch.einsum("oc,bchw->bohw", self.proj, pooled)
+
+
+def _request(inp, cond_or_uncond=(0,)):
+    return StepRequest(inp["x"], inp["t"], inp["t"], inp["context"], inp["y"], cond_or_uncond, guidance=inp["guidance"])
+
+
+@pytest.mark.parametrize("case", ["instantx-canny-5-0", "union-2-4-mode-3", "xlabs-2-0"])
+def test_control_in_diffusers_host(case, tmp_path):
+    """Our Control's dict (ComfyUI's tiling, tokens, strength) fed one-to-one into diffusers' host =
+    diffusers' own ControlNet samples with its own tiling; and the control visibly moves the output."""
+    pixel = case.startswith("xlabs")
+    depth, single, modes, mode = CASES.get(case, (2, 0, None, None))
+    ref = diffusers_controlnet(depth, single, modes=modes, pixel=pixel, seed=13)
+    net = load_controlnet(ref.state_dict(), name=case)
+    vae = _FakeVAE()
+    inp = inputs()
+    inp["latent_hint"] = vae(inp["pixel_hint"])
+    strength = 0.6
+    model = net if mode is None else net.select_type("blur")  # Flux Union mode 3 is blur
+    control = Control(model, inp["pixel_hint"], ControlSettings(strength=strength), hint_encoder=vae)
+    control.pre_run(lambda p: 1.0 - p)
+    got = control.residuals(_request(inp, (0,)))
+    assert set(got) >= {"input", "middle", "output"} and len(got["input"]) == 19
+    assert len(got["output"]) == (38 if single else 0)
+    # strength is applied once to each distinct output: the repeats are the same tensor
+    assert got["input"][0] is got["input"][1] if not pixel else got["input"][0] is got["input"][2]
+    host = diffusers_host()
+    want_d, want_s = _diffusers_samples(ref, inp, mode, scale=strength, pixel=pixel)
+    want = _host_forward(host, inp, want_d, want_s or None, repeat=pixel)
+    ours = _host_forward(host, inp, got["input"], got["output"] or None)
+    plain = _host_forward(host, inp)
+    assert rel(ours, want) <= TOL
+    assert rel(plain, want) > 0.05  # the control moves the output
+
+
+def test_tiling_rules():
+    assert BlockMap(5, 19, "consecutive").sources() == [i // 4 for i in range(19)]
+    assert BlockMap(2, 19, "cyclic").sources() == [i % 2 for i in range(19)]
+    assert BlockMap(10, 38, "consecutive").sources() == [i // 4 for i in range(38)]
+    assert BlockMap(6, 19, "consecutive").sources() == [i // 4 for i in range(19)]
+    assert BlockMap(0, 38, "consecutive").sources() == []
+
+
+def test_mask_acts_on_the_token_grid():
+    ref = diffusers_controlnet(1, 1, seed=17)
+    net = load_controlnet(ref.state_dict(), name="m")
+    inp = inputs(batch=1)
+    mask = torch.zeros(1, 64, 96)
+    mask[:, :, :48] = 1.0  # left half of the image
+    control = Control(net, inp["pixel_hint"], mask=mask, hint_encoder=_FakeVAE())
+    control.pre_run(lambda p: 1.0 - p)
+    out = control.residuals(_request(inp, (0,)))
+    tokens = out["input"][0].reshape(1, 4, 6, -1)  # th=4, tw=6
+    assert tokens[:, :, 3:].abs().max() == 0 and tokens[:, :, :3].abs().min() >= 0 and tokens[:, :, :3].abs().max() > 0
+
+
+def test_two_flux_controlnets_sum():
+    a = load_controlnet(diffusers_controlnet(2, 0, seed=21).state_dict(), name="a")
+    b = load_controlnet(diffusers_controlnet(3, 2, seed=22).state_dict(), name="b")
+    inp = inputs()
+    vae = _FakeVAE()
+    ca, cb = (Control(n, inp["pixel_hint"], hint_encoder=vae) for n in (a, b))
+    stack = ControlStack([ca, cb])
+    stack.pre_run(lambda p: 1.0 - p)
+    both = stack.residuals(_request(inp))
+    ra, rb = ca.residuals(_request(inp)), cb.residuals(_request(inp))
+    assert len(both["input"]) == 19 and len(both["output"]) == 38
+    assert torch.allclose(both["input"][7], ra["input"][7] + rb["input"][7])
+    assert torch.equal(both["output"][5], rb["output"][5])
+
+
+# ------------------------------------------------------------------ detection and refusals
+
+def test_detection_and_label(tmp_path):
+    ref = diffusers_controlnet(1, 0, pixel=True, seed=1)
+    save_state_dict(ref.state_dict(), tmp_path / "x.safetensors")
+    info = inspect_controlnet(tmp_path / "x.safetensors")
+    assert info.supported and info.arch == "flux" and info.layout == "diffusers"
+    assert "pixel hint" in info.family
+    found = detect.detect(ref.state_dict().keys(), "x")
+    assert found.family == detect.FLUX
+
+
+def test_union_modes_are_flux_names_and_pro2_refuses_a_type():
+    union = load_controlnet(diffusers_controlnet(1, 1, modes=10, seed=2).state_dict(), name="union")
+    assert union.control_types[:3] == ("canny", "tile", "depth")
+    assert union.select_type("pose").index == 4 and union.select_type("auto") is union
+    with pytest.raises(InputError, match="no Flux Union control mode"):
+        union.select_type("openpose")
+    pro2 = load_controlnet(diffusers_controlnet(2, 0, seed=3).state_dict(), name="pro2.safetensors")
+    with pytest.raises(InputError, match=r"'pro2.safetensors' has no control modes .*Union-Pro-2.0.*set control_type to 'auto'"):
+        pro2.select_type("canny")
+
+
+def test_latent_net_without_vae_is_refused():
+    net = load_controlnet(diffusers_controlnet(1, 0, seed=4).state_dict(), name="instantx")
+    with pytest.raises(InputError, match=r"takes its hint as a latent: connect the VAE"):
+        Control(net, torch.rand(1, 64, 64, 3))
+
+
+def test_wrong_latent_or_text_is_a_sentence():
+    net = load_controlnet(diffusers_controlnet(1, 0, seed=4).state_dict(), name="instantx")
+    inp = inputs(batch=1)
+    hint = net.embed_hint(inp["latent_hint"])
+    with pytest.raises(InputError, match="takes the Flux latent"):
+        net.forward(torch.randn(1, 4, 8, 12), hint, inp["t"], inp["context"])
+    with pytest.raises(InputError, match="T5 text conditioning of width 32"):
+        net.forward(inp["x"], hint, inp["t"], torch.randn(1, 5, 768))
+
+
+def test_flux_and_sd_controls_do_not_stack():
+    from helpers_models import make_tiny_config, random_controlnet
+
+    flux = load_controlnet(diffusers_controlnet(1, 0, seed=4).state_dict(), name="flux")
+    sd = random_controlnet(make_tiny_config("sd15"))
+    with pytest.raises(InputError, match="cannot be combined"):
+        ControlStack([Control(flux, torch.rand(1, 64, 64, 3), hint_encoder=_FakeVAE()), Control(sd, torch.rand(1, 64, 64, 3))])
