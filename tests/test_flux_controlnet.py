@@ -253,3 +253,73 @@ def test_flux_and_sd_controls_do_not_stack():
     sd = random_controlnet(make_tiny_config("sd15"))
     with pytest.raises(InputError, match="cannot be combined"):
         ControlStack([Control(flux, torch.rand(1, 64, 64, 3), hint_encoder=_FakeVAE()), Control(sd, torch.rand(1, 64, 64, 3))])
+
+
+# ------------------------------------------------------------------ the control object (no ComfyUI)
+
+def _flux_model(kind="flux"):
+    from types import SimpleNamespace
+
+    from test_nodes import Sampling
+
+    return SimpleNamespace(model_sampling=Sampling(), latent_format=None, diffusion_model=None,
+                           model_config=SimpleNamespace(unet_config={"image_model": kind, "context_in_dim": 32}))
+
+
+def test_host_checks_in_the_control_object():
+    """A Flux ControlNet on an SD1.5 UNet and an SD1.5 ControlNet on Flux: a sentence at pre_run."""
+    from test_nodes import StandInControl, fake_model
+    from helpers_models import make_tiny_config, random_controlnet
+    from comfyui_controlnet_core.nodes.control_object import NetHandle
+
+    flux = NetHandle(load_controlnet(diffusers_controlnet(1, 0, seed=4).state_dict(), name="x"), object(), "flux-cn.safetensors")
+    c = StandInControl(flux).copy().set_cond_hint(torch.rand(1, 3, 64, 64), 1.0, (0.0, 1.0), vae=_FakeVAE())
+    with pytest.raises(InputError, match=r"'flux-cn.safetensors' is made for Flux.1 models .* is SD1.x \(a UNet\)"):
+        c.pre_run(fake_model(768), lambda p: 1.0 - p)
+    c.pre_run(_flux_model("chroma"), lambda p: 1.0 - p)  # Chroma has Flux's blocks: accepted
+    sd = NetHandle(random_controlnet(make_tiny_config("sd15")), object(), "sd15-canny.safetensors")
+    c = StandInControl(sd).copy().set_cond_hint(torch.rand(1, 3, 64, 64), 1.0, (0.0, 1.0))
+    with pytest.raises(InputError, match=r"'sd15-canny.safetensors' is made for SD1.x models, but .* is a Flux model \(not a Stable Diffusion UNet\)"):
+        c.pre_run(_flux_model(), lambda p: 1.0 - p)
+
+
+def test_control_object_feeds_guidance_pooled_and_the_vae_latent():
+    """The mixin's get_control on a Flux net: latent hint through the connected VAE, y and guidance
+    from the cond, a dict of 19 / 38 token lists equal to the Control's own."""
+    from test_nodes import StandInControl
+    from comfyui_controlnet_core.nodes.control_object import NetHandle
+
+    class Flat:  # Flux's sampling: input as is, timestep = sigma
+        def percent_to_sigma(self, p):
+            return 1e9 if p <= 0 else 0.0 if p >= 1 else 1.0 - p
+
+        def calculate_input(self, sigma, x):
+            return x
+
+        def timestep(self, sigma):
+            return sigma
+
+    net = load_controlnet(diffusers_controlnet(2, 3, seed=8).state_dict(), name="x")
+    vae = _FakeVAE()
+
+    class ComfyVAE:  # ComfyUI's VAE takes BHWC pixels
+        def encode(self, pixels):
+            return vae(pixels.movedim(-1, 1))
+
+    model = _flux_model()
+    model.model_sampling = Flat()
+    inp = inputs(batch=2)
+    hint = inp["pixel_hint"][:1]
+    c = StandInControl(NetHandle(net, object(), "flux")).copy().set_cond_hint(hint, 0.5, (0.0, 1.0), vae=ComfyVAE())
+    c.pre_run(model, model.model_sampling.percent_to_sigma)
+    cond = {"c_crossattn": inp["context"], "y": inp["y"], "guidance": inp["guidance"]}
+    got = c.get_control(inp["x"], inp["t"], cond, 2, {"cond_or_uncond": [0, 1]})
+    control = Control(net, hint, ControlSettings(strength=0.5), hint_encoder=vae)
+    control.pre_run(model.model_sampling.percent_to_sigma)
+    want = control.residuals(_request(inp, (0, 1)))
+    assert len(got["input"]) == 19 and len(got["output"]) == 38
+    for a, b in zip(got["input"] + got["output"], want["input"] + want["output"]):
+        assert torch.allclose(a, b, rtol=0, atol=0)
+    no_guidance = c.get_control(inp["x"], inp["t"], {k: v for k, v in cond.items() if k != "guidance"}, 2,
+                                {"cond_or_uncond": [0, 1]})
+    assert not torch.allclose(no_guidance["input"][0], got["input"][0])  # guidance reaches the net

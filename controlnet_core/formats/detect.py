@@ -106,11 +106,8 @@ def _flux_layout(keys: set[str]) -> Detected | None:
         return None
     pixel = _any(keys, lambda k: k.startswith("input_hint_block."))
     hint = "pixel hint" if pixel else "latent hint"
-    if diffusers:
-        return Detected(FLUX, "diffusers", f"a Flux ControlNet (diffusers layout, {hint})")
-    if pixel:
-        return Detected(FLUX, "xlabs", "a Flux ControlNet (XLabs layout, pixel hint)")
-    return Detected(FLUX, "native", "a Flux ControlNet (BFL names, latent hint)")
+    layout = "diffusers" if diffusers else "xlabs" if pixel else "native"
+    return Detected(FLUX, layout, f"a Flux ControlNet ({hint})")
 
 
 def _not_a_controlnet(keys: set[str]) -> str | None:
