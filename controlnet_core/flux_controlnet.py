@@ -300,11 +300,12 @@ class FluxControlNet(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.img_in.weight.dtype
+        """The compute dtype (a bias: with fp8 weight storage, fast.prepare, biases stay in it)."""
+        return self.pos_embed_input.bias.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.img_in.weight.device
+        return self.pos_embed_input.bias.device
 
     @property
     def hint_channels(self) -> int:

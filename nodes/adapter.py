@@ -333,6 +333,12 @@ def load_control(name: str) -> Any:
         net = load_controlnet(path, device=offload_device, dtype=dtype, ops=comfy.ops.disable_weight_init, name=name)
         if fp8 and getattr(net, "fast_path_net", None) is net:  # a plain ControlNet (fp8 storage is the runner's)
             fast.prepare(net, fp8=True)
+        elif getattr(net, "host", None) is not None and fast.fp8_supported() and (
+                fp8 or net.checkpoint_dtype in _FP8_DTYPES):
+            # DiT nets are big (a Flux Union: 3.3 B parameters): an fp8 file stays fp8 in memory (its
+            # values kept exactly), and --fp8_e4m3fn-unet stores a bf16/fp16 file as fp8; each layer
+            # upcasts its weight to the compute dtype when it runs
+            fast.prepare(net, fp8=True)
     except UnsupportedFamilyError as e:
         raise UnsupportedFamilyError(f"{e}. ComfyUI's own 'Load ControlNet Model' node may load it") from None
     except ControlNetError:

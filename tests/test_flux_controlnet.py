@@ -323,3 +323,26 @@ def test_control_object_feeds_guidance_pooled_and_the_vae_latent():
     no_guidance = c.get_control(inp["x"], inp["t"], {k: v for k, v in cond.items() if k != "guidance"}, 2,
                                 {"cond_or_uncond": [0, 1]})
     assert not torch.allclose(no_guidance["input"][0], got["input"][0])  # guidance reaches the net
+
+
+def test_fp8_file_keeps_fp8_storage_exactly(tmp_path):
+    """A float8_e4m3fn file: loaded (upcast to fp16/fp32) then stored as fp8 again by fast.prepare,
+    as the adapter does for DiT nets: the e4m3 values are kept exactly (scale 1), the weights take
+    half the memory of fp16, and the outputs equal the upcast model's."""
+    from comfyui_controlnet_core.controlnet_core import fast
+
+    if not fast.fp8_supported():
+        pytest.skip("this torch has no float8_e4m3fn")
+    ref = diffusers_controlnet(2, 2, seed=31)
+    sd = {k: v.to(torch.float8_e4m3fn) for k, v in ref.state_dict().items()}
+    save_state_dict(sd, tmp_path / "cn-fp8.safetensors")
+    upcast = load_controlnet(tmp_path / "cn-fp8.safetensors", dtype=torch.float32)
+    assert upcast.checkpoint_dtype == torch.float8_e4m3fn
+    stored = fast.prepare(load_controlnet(tmp_path / "cn-fp8.safetensors", dtype=torch.float32), fp8=True)
+    layer = stored.double_blocks[0].img_attn.qkv
+    assert layer.weight_fp8.dtype == torch.float8_e4m3fn and float(layer.weight_scale) == 1.0
+    assert torch.equal(layer.weight, upcast.double_blocks[0].img_attn.qkv.weight)
+    assert fast.weight_bytes(stored) < 0.3 * fast.weight_bytes(upcast)  # fp8 against fp32: about a quarter
+    inp = inputs()
+    for a, b in zip(sum(_ours(stored, inp), []), sum(_ours(upcast, inp), [])):
+        assert torch.equal(a, b)
