@@ -154,3 +154,108 @@ def test_flux_controlnets_match_comfyuis_builtin_in_comfyuis_flux(tmp_path):
     print(done.stdout)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "flux parity ok" in done.stdout
+
+
+# ------------------------------------------------------------------ full width, real loaders, real files
+
+MAKE_FULL_WIDTH = r'''
+import math, sys, torch
+from diffusers import FluxControlNetModel, FluxTransformer2DModel
+from safetensors.torch import save_file
+sys.path.insert(0, sys.argv[3])
+from helpers_flux import randomize_
+host_path, cn_path = sys.argv[1:3]
+# Flux.1 dev's real widths (3072 = 24 x 128, T5 4096, CLIP 768, guidance), 1 double + 1 single block each
+kw = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+          num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+          axes_dims_rope=[16, 56, 56])
+host = randomize_(FluxTransformer2DModel(**kw), 1)
+save_file({k: v.to(torch.bfloat16).contiguous() for k, v in host.state_dict().items()}, host_path)
+del host
+cn = randomize_(FluxControlNetModel(num_mode=10, **{k: v for k, v in kw.items() if k != "patch_size"}), 2)
+save_file({k: v.to(torch.bfloat16).contiguous() for k, v in cn.state_dict().items()}, cn_path)
+'''
+
+FULL_WIDTH_PARITY = r'''
+import asyncio, os, sys, time, torch
+comfy_path, pack, folder = sys.argv[1:4]
+sys.path.insert(0, comfy_path)
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import nodes, folder_paths
+assert asyncio.run(nodes.load_custom_node(pack))
+import comfy.controlnet, comfy.sd, comfy.utils
+name = pack.replace(".", "_x_")
+adapter = sys.modules[f"{name}.nodes.adapter"]
+folder_paths.add_model_folder_path("controlnet", folder)
+
+class FakeVAE:
+    proj = torch.randn(16, 3, generator=torch.Generator().manual_seed(7))
+    def spacial_compression_encode(self):
+        return 8
+    def encode(self, pixels):
+        pooled = torch.nn.functional.avg_pool2d(pixels[..., :3].movedim(-1, 1) * 2 - 1, 8)
+        return torch.einsum("oc,bchw->bohw", self.proj, pooled)
+
+t0 = time.time()
+patcher = comfy.sd.load_diffusion_model_state_dict(comfy.utils.load_torch_file(os.path.join(folder, "flux1-tiny-host.safetensors")))
+model = patcher.model
+assert type(model.diffusion_model).__name__ == "Flux" and len(model.diffusion_model.double_blocks) == 1
+builtin = comfy.controlnet.load_controlnet(os.path.join(folder, "flux-union-1-1.safetensors"))
+assert type(builtin.control_model).__name__ == "ControlNetFlux" and builtin.control_model.latent_input
+ours = adapter.load_control("flux-union-1-1.safetensors")
+print(f"loaded in {time.time() - t0:.1f} s; ours: {ours.handle.net.family}, {ours.handle.net.source_format}, "
+      f"{ours.handle.net.dtype}; label: {adapter.model_info('flux-union-1-1.safetensors')['label']}")
+builtin.set_extra_arg("control_type", [2])
+ours.extra_args = {"control_type": [2]}
+g = torch.Generator().manual_seed(3)
+hint = torch.rand(1, 3, 64, 96, generator=g)
+x = torch.randn(2, 16, 8, 12, generator=g)
+sigma = torch.full((2,), 0.55)
+cond = {"c_crossattn": torch.randn(2, 4, 4096, generator=g), "y": torch.randn(2, 768, generator=g),
+        "guidance": torch.full((2,), 4.0)}
+outs = {}
+for label, obj in (("builtin", builtin), ("ours", ours)):
+    c = obj.copy().set_cond_hint(hint, 0.8, (0.0, 1.0), vae=FakeVAE())
+    c.pre_run(model, model.model_sampling.percent_to_sigma)
+    t1 = time.time()
+    with torch.no_grad():
+        control = c.get_control(x, sigma, cond, 2, {"cond_or_uncond": [0, 1]})
+        outs[label] = model.apply_model(x, sigma, c_crossattn=cond["c_crossattn"], control=control,
+                                        transformer_options={}, y=cond["y"], guidance=cond["guidance"])
+    print(f"{label}: control + host {time.time() - t1:.1f} s")
+    c.cleanup()
+with torch.no_grad():
+    plain = model.apply_model(x, sigma, c_crossattn=cond["c_crossattn"], transformer_options={}, y=cond["y"],
+                              guidance=cond["guidance"])
+ref = outs["builtin"]
+rel = float((outs["ours"] - ref).abs().max() / ref.abs().max())
+effect = float((plain - ref).abs().max() / ref.abs().max())
+print(f"full width: rel {rel:.2e}, control effect {effect:.2f}")
+assert rel <= 1e-4 and effect > 0.01, (rel, effect)
+print("full width parity ok")
+'''
+
+
+def test_full_width_union_through_the_real_loaders(tmp_path):
+    """A full-width Flux dev host (1 double + 1 single block, 545 M parameters, diffusers layout)
+    and a full-width Union ControlNet (1 + 1 blocks, 10 modes, 546 M parameters, diffusers layout as
+    InstantX/Shakker ship it), bf16 files written here from diffusers' classes: ComfyUI's
+    `load_diffusion_model_state_dict` + `load_controlnet` (real detection and key conversion) vs our
+    `load_control` from the controlnet folder; same hint, union type 2 (depth), CFG batch; ComfyUI's
+    model output (denoised) compared, fp32 compute from the same bf16 values. ~8 GB of RAM."""
+    import sys
+
+    models = tmp_path / "models"
+    models.mkdir()
+    make = tmp_path / "make.py"
+    make.write_text(MAKE_FULL_WIDTH)
+    subprocess.run([sys.executable, str(make), str(models / "flux1-tiny-host.safetensors"),
+                    str(models / "flux-union-1-1.safetensors"), str(ROOT / "tests")], check=True, timeout=900)
+    script = tmp_path / "full_width.py"
+    script.write_text(FULL_WIDTH_PARITY)
+    done = subprocess.run([COMFYUI_PYTHON, str(script), COMFYUI_PATH, str(ROOT), str(models)], capture_output=True,
+                          text=True, timeout=1200, cwd=tmp_path)
+    print(done.stdout)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "full width parity ok" in done.stdout
