@@ -322,6 +322,11 @@ class FluxControlNet(nn.Module):
         return self.config.hint_channels // (PATCH * PATCH)
 
     @property
+    def mask_channels(self) -> int:
+        """Channels after the image latent in the hint (AliMama inpaint: 1, the inverted mask)."""
+        return self.latent_channels - self.config.in_channels // 4 if self.config.hint == "latent" else 0
+
+    @property
     def context_dim(self) -> int:
         return self.config.context_dim
 

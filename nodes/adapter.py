@@ -350,6 +350,9 @@ def load_control(name: str) -> Any:
         ) from None
     control = control_class()(_make_handle(net, name, load_device, offload_device))
     control.global_average_pooling = default_global_pool(name)
+    # an inpaint net (AliMama: latent + mask) is one for ComfyUI's ControlNetInpaintingAliMamaApply,
+    # which reads this flag to pass the (inverted) mask and black out the masked pixels
+    control.concat_mask = getattr(net, "mask_channels", 0) > 0
     log.info("CNCore: loaded %s: %s for %s (%s layout, %s)", name, net.family, FAMILY.get(net.arch, net.arch),
              getattr(net, "source_format", "?"), str(net.dtype).removeprefix("torch."))
     return control

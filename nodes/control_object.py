@@ -46,6 +46,7 @@ import torch
 from ..controlnet_core import fast
 from ..controlnet_core.control import Control, ControlSettings, ControlStack, with_control_type
 from ..controlnet_core.errors import ControlNetError, InputError
+from ..controlnet_core.hint import resize_hint
 from ..controlnet_core.host import ATTENTION, COND, AttnFn, AttnSite, StepRequest, apply_attention
 
 DEFAULT_MODE = "balanced"
@@ -328,6 +329,7 @@ class CoreControlMixin:
         self.cncore_control_type = DEFAULT_CONTROL_TYPE
         self.cncore_entries: list[BoundEntry] = []
         self.cncore_vae: Any = None  # the apply node's VAE: latent-hint families encode their hint with it
+        self.cncore_extra_concat: list = []  # inpaint masks (ComfyUI's ControlNetInpaintingAliMamaApply)
         self._cncore_latent_format: Any = None  # the sampled model's latent format (set at pre_run)
         self._cncore_stack: ControlStack | None = None
         self._cncore_sampling: Any = None
@@ -382,11 +384,31 @@ class CoreControlMixin:
         if getattr(net, "hint_space", "pixel") != "latent" or self.cncore_vae is None:
             return None
         vae = self.cncore_vae
+        extra = list(self.cncore_extra_concat) or [torch.ones(1, 1, 1, 1)]
 
         def encode(image: torch.Tensor) -> torch.Tensor:
             latent = self.cncore_vae_encode(vae, image)
             fmt = self._cncore_latent_format
-            return latent if fmt is None else fmt.process_in(latent)
+            latent = latent if fmt is None else fmt.process_in(latent)
+            want = getattr(net, "latent_channels", latent.shape[1])
+            if want <= latent.shape[1]:
+                return latent
+            # an inpaint net (AliMama: 16 + 1): the mask(s) ComfyUI's inpaint apply node passes (already
+            # inverted: 1 = keep), else ones, each resized to the latent as ComfyUI does (centre crop,
+            # nearest-exact) and concatenated after it
+            parts = [latent]
+            b = latent.shape[0]
+            for m in extra:
+                m = m.reshape(-1, 1, *m.shape[-2:]).to(device=latent.device, dtype=torch.float32)
+                m = resize_hint(m, latent.shape[-2], latent.shape[-1], "crop", "nearest-exact")
+                parts.append(m.repeat(-(-b // m.shape[0]), 1, 1, 1)[:b])  # ComfyUI's repeat_to_batch_size
+            out = torch.cat([p.to(latent.dtype) for p in parts], dim=1)
+            if out.shape[1] != want:
+                raise InputError(
+                    f"the {net.family} {self.handle.name!r} takes a {want}-channel latent (the image latent and "
+                    f"{want - latent.shape[1]} mask channel(s)), got {out.shape[1]}; connect one inpaint mask"
+                )
+            return out
 
         return encode
 
@@ -399,6 +421,7 @@ class CoreControlMixin:
         # ControlBase keeps the VAE only for its own latent-format families: ours decide per model
         out = super().set_cond_hint(cond_hint, strength, timestep_percent_range, vae=vae, extra_concat=list(extra_concat))
         self.cncore_vae = vae
+        self.cncore_extra_concat = list(extra_concat)
         return out
 
     def cncore_type(self, control_type: str = DEFAULT_CONTROL_TYPE) -> str | int:
@@ -516,6 +539,7 @@ class CoreControlMixin:
         c.cncore_control_type = self.cncore_control_type
         c.cncore_entries = list(self.cncore_entries)
         c.cncore_vae = self.cncore_vae
+        c.cncore_extra_concat = list(self.cncore_extra_concat)
         return c
 
     def get_models(self):

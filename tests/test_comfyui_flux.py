@@ -70,10 +70,11 @@ class FakeVAE:
         return torch.einsum("oc,bchw->bohw", self.proj, pooled)
 vae = FakeVAE()
 
-def builtin(cn, latent, union_type):
-    if latent:
+def builtin(cn, latent, union_type, inpaint=False):
+    if latent:  # as load_controlnet_flux_instantx builds it (concat_mask for a 17-channel inpaint net)
         c = comfy.controlnet.ControlNet(cn, compression_ratio=1, latent_format=comfy.latent_formats.Flux(),
-                                        load_device=torch.device("cpu"), extra_conds=["y", "guidance"])
+                                        load_device=torch.device("cpu"), extra_conds=["y", "guidance"],
+                                        concat_mask=inpaint)
     else:
         c = comfy.controlnet.ControlNet(cn, load_device=torch.device("cpu"), extra_conds=["y", "guidance"])
     if union_type is not None:
@@ -87,8 +88,8 @@ def ours(cn, union_type):
         c.extra_args = {"control_type": [union_type]}  # what SetUnionControlNetType stores
     return c, net
 
-def host_out(control_object, hint, strength, x, sigma, cond, batched):
-    c = control_object.copy().set_cond_hint(hint, strength, (0.0, 1.0), vae=vae)
+def host_out(control_object, hint, strength, x, sigma, cond, batched, extra=()):
+    c = control_object.copy().set_cond_hint(hint, strength, (0.0, 1.0), vae=vae, extra_concat=list(extra))
     c.pre_run(model, ms.percent_to_sigma)
     with torch.no_grad():
         control = c.get_control(x, sigma, cond, batched, {"cond_or_uncond": [0, 1][:batched]})
@@ -97,25 +98,32 @@ def host_out(control_object, hint, strength, x, sigma, cond, batched):
     return out, control
 
 g = torch.Generator().manual_seed(3)
-CASES = [  # name, double, single, latent, union modes, type, batch (cond+uncond chunks), latent size
-    ("instantx-5-0", 5, 0, True, 0, None, 2, (8, 12)),
-    ("union-2-4-type-3", 2, 4, True, 10, 3, 1, (8, 12)),
-    ("xlabs-2-0", 2, 0, False, 0, None, 2, (8, 10)),
-    ("odd-latent-3-2", 3, 2, True, 0, None, 1, (7, 9)),
+CASES = [  # name, double, single, latent, union modes, type, batch (cond+uncond chunks), latent size, inpaint
+    ("instantx-5-0", 5, 0, True, 0, None, 2, (8, 12), False),
+    ("union-2-4-type-3", 2, 4, True, 10, 3, 1, (8, 12), False),
+    ("xlabs-2-0", 2, 0, False, 0, None, 2, (8, 10), False),
+    ("odd-latent-3-2", 3, 2, True, 0, None, 1, (7, 9), False),
+    ("alimama-inpaint-2-1", 2, 1, True, 0, None, 2, (8, 12), True),
+    ("alimama-inpaint-no-mask", 1, 1, True, 0, None, 1, (8, 12), None),
 ]
 worst = 0.0
-for case, depth, single, latent, modes, union_type, batch, (h, w) in CASES:
-    cn = ControlNetFlux(latent_input=latent, num_union_modes=modes, control_latent_channels=16 if latent else None,
+for case, depth, single, latent, modes, union_type, batch, (h, w), inpaint in CASES:
+    cn = ControlNetFlux(latent_input=latent, num_union_modes=modes,
+                        control_latent_channels=(17 if inpaint is not False else 16) if latent else None,
                         depth=depth, depth_single_blocks=single, operations=OPS, dtype=torch.float32, **TINY)
     cn = randomize(cn, 11 + depth)
     hint = torch.rand(1, 3, 8 * h, 8 * w, generator=g)
+    extra = ()
+    if inpaint:  # what ControlNetInpaintingAliMamaApply passes: the inverted mask, at the image's size
+        mask = (torch.rand(1, 8 * h, 8 * w, generator=g) > 0.5).float()
+        extra = [1.0 - mask.reshape(-1, 1, 8 * h, 8 * w)]
     x = torch.randn(batch, 16, h, w, generator=g)
     sigma = torch.full((batch,), 0.6)
     cond = {"c_crossattn": torch.randn(batch, 5, 32, generator=g), "y": torch.randn(batch, 24, generator=g),
             "guidance": torch.full((batch,), 3.5)}
-    want, their = host_out(builtin(cn, latent, union_type), hint, 0.7, x, sigma, cond, batch)
+    want, their = host_out(builtin(cn, latent, union_type, inpaint is not False), hint, 0.7, x, sigma, cond, batch, extra)
     mine, net = ours(cn, union_type)
-    got, control = host_out(mine, hint, 0.7, x, sigma, cond, batch)
+    got, control = host_out(mine, hint, 0.7, x, sigma, cond, batch, extra)
     plain = host(x, ms.timestep(sigma), cond["c_crossattn"], y=cond["y"], guidance=cond["guidance"])
     assert len(control["input"]) == 19 and len(control["output"]) == (38 if single else 0), case
     assert net.source_format == ("native" if latent else "xlabs") and net.hint_space == ("latent" if latent else "pixel")
