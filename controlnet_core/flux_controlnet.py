@@ -69,6 +69,7 @@ class FluxControlNetConfig:
     theta: int = 10000
     num_modes: int = 0              # rows of `controlnet_mode_embedder` (0: no union modes)
     hint: str = "latent"            # "latent" | "pixel"
+    stem: str = "xlabs"             # pixel stem and output blocks: "xlabs" | "mistoline" (10 convs; SiLU'd blocks)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads or sum(self.axes_dim) != self.hidden_size // self.num_heads:
@@ -76,8 +77,8 @@ class FluxControlNetConfig:
                 f"a Flux ControlNet of width {self.hidden_size} with {self.num_heads} heads needs position axes "
                 f"summing to {self.hidden_size // max(self.num_heads, 1)}; got {self.axes_dim}"
             )
-        if self.hint not in ("latent", "pixel"):
-            raise LoadError(f"unknown Flux ControlNet hint stem {self.hint!r}")
+        if self.hint not in ("latent", "pixel") or self.stem not in ("xlabs", "mistoline"):
+            raise LoadError(f"unknown Flux ControlNet hint stem {self.hint!r} / {self.stem!r}")
 
     @property
     def head_dim(self) -> int:
@@ -239,6 +240,36 @@ def hint_stem(ops: Any, **kw: Any) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class MistolineStem(nn.Module):
+    """TheMisto's MistoLine pixel stem (`input_cond_block.encoder`): 10 convs, SiLU between, kernel
+    sizes 3, 1, 3, 3s2, 3, 3s2, 3, 3s2, 1, 3 (/8 overall, 3 -> 16 channels)."""
+
+    LAYERS = ((3, 1), (1, 1), (3, 1), (3, 2), (3, 1), (3, 2), (3, 1), (3, 2), (1, 1), (3, 1))
+
+    def __init__(self, ops: Any, **kw: Any):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i, (k, stride) in enumerate(self.LAYERS):
+            if i:
+                layers.append(nn.SiLU())
+            layers.append(ops.Conv2d(3 if i == 0 else 16, 16, k, padding=k // 2, stride=stride, **kw))
+        self.encoder = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+
+class MistolineBlock(nn.Module):
+    """MistoLine's output block: SiLU(linear(x)) (the other nets use a bare linear)."""
+
+    def __init__(self, dim: int, ops: Any, **kw: Any):
+        super().__init__()
+        self.linear = ops.Linear(dim, dim, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.linear(x))
+
+
 def patchify(x: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> (B, ceil(h/2)*ceil(w/2), C*4): odd sides padded (ComfyUI: circular), 2x2 cells
     packed channel-major (c, ph, pw), as Flux and diffusers' `_pack_latents` do."""
@@ -289,12 +320,15 @@ class FluxControlNet(nn.Module):
         self.txt_in = ops.Linear(cfg.context_dim, d, **kw)
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg, ops, **kw) for _ in range(cfg.depth))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg, ops, **kw) for _ in range(cfg.depth_single))
-        self.controlnet_blocks = nn.ModuleList(ops.Linear(d, d, **kw) for _ in range(cfg.depth))
-        self.controlnet_single_blocks = nn.ModuleList(ops.Linear(d, d, **kw) for _ in range(cfg.depth_single))
+        mistoline = cfg.hint == "pixel" and cfg.stem == "mistoline"
+        out_block = (lambda: MistolineBlock(d, ops, **kw)) if mistoline else (lambda: ops.Linear(d, d, **kw))
+        self.controlnet_blocks = nn.ModuleList(out_block() for _ in range(cfg.depth))
+        self.controlnet_single_blocks = nn.ModuleList(out_block() for _ in range(cfg.depth_single))
         embedding = getattr(ops, "Embedding", nn.Embedding)
         self.controlnet_mode_embedder = embedding(cfg.num_modes, d, **kw) if cfg.num_modes else None
         self.pos_embed_input = ops.Linear(cfg.hint_channels, d, **kw)
-        self.input_hint_block = hint_stem(ops, **kw) if cfg.hint == "pixel" else None
+        self.input_hint_block = hint_stem(ops, **kw) if cfg.hint == "pixel" and not mistoline else None
+        self.input_cond_block = MistolineStem(ops, **kw) if mistoline else None
 
     # ---- ControlModel members -------------------------------------------------------------
 
@@ -353,8 +387,9 @@ class FluxControlNet(nn.Module):
         """The hint tokens (B, N, hint_channels): a latent (B, C, h, w) for a latent net, the image
         (B, 3, 8h, 8w) in [0, 1] for a pixel net."""
         hint = hint.to(device=self.device, dtype=self.dtype)
-        if self.input_hint_block is not None:
-            hint = self.input_hint_block(hint * 2.0 - 1.0)
+        stem = self.input_hint_block if self.input_hint_block is not None else self.input_cond_block
+        if stem is not None:
+            hint = stem(hint * 2.0 - 1.0)
         elif hint.shape[1] != self.latent_channels:
             raise InputError(
                 f"this Flux ControlNet takes a {self.latent_channels}-channel Flux latent as its hint, got "

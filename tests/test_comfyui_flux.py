@@ -82,7 +82,10 @@ def builtin(cn, latent, union_type, inpaint=False):
     return c
 
 def ours(cn, union_type):
-    net = loader.load_controlnet({k: v.clone() for k, v in cn.state_dict().items()}, name="flux-cn.safetensors")
+    # the file as its authors save it: MistoLine's single blocks under `single_controlnet_blocks.`
+    rename = lambda k: "single_controlnet_blocks." + k[len("controlnet_single_blocks."):] if (
+        cn.mistoline and k.startswith("controlnet_single_blocks.")) else k
+    net = loader.load_controlnet({rename(k): v.clone() for k, v in cn.state_dict().items()}, name="flux-cn.safetensors")
     c = adapter.control_class()(adapter._make_handle(net, "flux-cn.safetensors", torch.device("cpu"), torch.device("cpu")))
     if union_type is not None:
         c.extra_args = {"control_type": [union_type]}  # what SetUnionControlNetType stores
@@ -105,28 +108,31 @@ CASES = [  # name, double, single, latent, union modes, type, batch (cond+uncond
     ("odd-latent-3-2", 3, 2, True, 0, None, 1, (7, 9), False),
     ("alimama-inpaint-2-1", 2, 1, True, 0, None, 2, (8, 12), True),
     ("alimama-inpaint-no-mask", 1, 1, True, 0, None, 1, (8, 12), None),
+    ("mistoline-2-2", 2, 2, False, 0, None, 2, (8, 12), "mistoline"),
 ]
 worst = 0.0
 for case, depth, single, latent, modes, union_type, batch, (h, w), inpaint in CASES:
-    cn = ControlNetFlux(latent_input=latent, num_union_modes=modes,
+    mistoline = inpaint == "mistoline"
+    cn = ControlNetFlux(latent_input=latent, num_union_modes=modes, mistoline=mistoline,
                         control_latent_channels=(17 if inpaint is not False else 16) if latent else None,
                         depth=depth, depth_single_blocks=single, operations=OPS, dtype=torch.float32, **TINY)
     cn = randomize(cn, 11 + depth)
     hint = torch.rand(1, 3, 8 * h, 8 * w, generator=g)
     extra = ()
-    if inpaint:  # what ControlNetInpaintingAliMamaApply passes: the inverted mask, at the image's size
+    if inpaint is True:  # what ControlNetInpaintingAliMamaApply passes: the inverted mask, at the image's size
         mask = (torch.rand(1, 8 * h, 8 * w, generator=g) > 0.5).float()
         extra = [1.0 - mask.reshape(-1, 1, 8 * h, 8 * w)]
     x = torch.randn(batch, 16, h, w, generator=g)
     sigma = torch.full((batch,), 0.6)
     cond = {"c_crossattn": torch.randn(batch, 5, 32, generator=g), "y": torch.randn(batch, 24, generator=g),
             "guidance": torch.full((batch,), 3.5)}
-    want, their = host_out(builtin(cn, latent, union_type, inpaint is not False), hint, 0.7, x, sigma, cond, batch, extra)
+    want, their = host_out(builtin(cn, latent, union_type, inpaint in (True, None)), hint, 0.7, x, sigma, cond, batch, extra)
     mine, net = ours(cn, union_type)
     got, control = host_out(mine, hint, 0.7, x, sigma, cond, batch, extra)
     plain = host(x, ms.timestep(sigma), cond["c_crossattn"], y=cond["y"], guidance=cond["guidance"])
     assert len(control["input"]) == 19 and len(control["output"]) == (38 if single else 0), case
-    assert net.source_format == ("native" if latent else "xlabs") and net.hint_space == ("latent" if latent else "pixel")
+    layout = "native" if latent else "mistoline" if mistoline else "xlabs"
+    assert net.source_format == layout and net.hint_space == ("latent" if latent else "pixel"), (case, net.source_format)
     rel = float((got - want).abs().max() / want.abs().max())
     effect = float((plain - want).abs().max() / want.abs().max())
     worst = max(worst, rel)

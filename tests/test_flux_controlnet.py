@@ -346,3 +346,23 @@ def test_fp8_file_keeps_fp8_storage_exactly(tmp_path):
     inp = inputs()
     for a, b in zip(sum(_ours(stored, inp), []), sum(_ours(upcast, inp), [])):
         assert torch.equal(a, b)
+
+
+def test_mistoline_layout_is_read():
+    """TheMisto's MistoLine: BFL names, `input_cond_block.encoder` stem, SiLU'd `.linear` output
+    blocks, single blocks under `single_controlnet_blocks.` (values checked against ComfyUI's class in
+    tests/test_comfyui_flux.py)."""
+    from comfyui_controlnet_core.controlnet_core.flux_controlnet import FluxControlNet, FluxControlNetConfig
+
+    cfg = FluxControlNetConfig(hidden_size=32, num_heads=2, depth=2, depth_single=1, context_dim=32, vec_dim=24,
+                               mlp_hidden=128, axes_dim=(4, 6, 6), hint="pixel", stem="mistoline")
+    sd = {("single_controlnet_blocks." + k[len("controlnet_single_blocks."):] if k.startswith("controlnet_single_blocks.")
+           else k): v for k, v in FluxControlNet(cfg).state_dict().items()}
+    assert "controlnet_blocks.0.linear.weight" in sd and "input_cond_block.encoder.18.weight" in sd
+    assert detect.detect(sd.keys(), "m").layout == "mistoline"
+    net = load_controlnet(sd, name="mistoLine_flux.dev.safetensors")
+    assert net.config.stem == "mistoline" and net.hint_space == "pixel" and net.tiling == "cyclic"
+    inp = inputs(batch=1)
+    double, single = _ours(net, inp, pixel=True)
+    assert len(double) == 2 and len(single) == 1 and double[0].shape == (1, 24, 32)
+    assert (double[0] >= -0.2785).all()  # SiLU's minimum: the blocks end in a SiLU

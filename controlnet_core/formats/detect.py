@@ -64,8 +64,8 @@ def _other_family(keys: set[str]) -> Detected | None:
         return Detected(UNION, DIFFUSERS, "a ControlNet Union / ProMax (xinsir)")
     if has("controlnet_blocks.0.y_rms.weight"):
         return Detected(OTHER, "", "a Qwen-Image block-wise ControlNet (DiffSynth)")
-    if has("controlnet_blocks.0.linear.weight"):
-        return Detected(OTHER, "", "a Flux ControlNet (MistoLine)")
+    if has("controlnet_blocks.0.linear.weight") and has("img_in.weight") and has("input_cond_block.encoder.0.weight"):
+        return Detected(FLUX, "mistoline", "a Flux ControlNet (pixel hint)")  # TheMisto's MistoLine
     if has("controlnet_blocks.0.weight") or _any(keys, lambda k: k.startswith("controlnet_blocks.")):
         if has("transformer_blocks.0.img_mlp.net.0.proj.weight"):  # before Flux: Qwen also has img_in
             return Detected(OTHER, "", "a Qwen-Image ControlNet (InstantX)")

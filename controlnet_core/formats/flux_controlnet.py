@@ -5,6 +5,9 @@ Layouts (`detect.py` tells them by what the file IS, not by its block names):
   "xlabs"            XLabs' own files (`flux-canny-controlnet-v3.safetensors`): Black Forest Labs'
                      names (`double_blocks.0.img_attn.qkv`), a pixel stem `input_hint_block.{0..14}`;
                      our native names, read as they are.
+  "mistoline"        TheMisto's MistoLine (`mistoLine_flux.dev.safetensors`): BFL names, its own pixel
+                     stem `input_cond_block.encoder.*`, output blocks `controlnet_blocks.i.linear`
+                     (+ SiLU) and `single_controlnet_blocks.*` (renamed to ours, as ComfyUI does).
   "native"           a latent net re-saved with BFL/ComfyUI names (`pos_embed_input`, no
                      `input_hint_block`): ComfyUI builds it as XLabs (the latent stem lost); we read
                      it as the latent net it is.
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
 StateDict = dict[str, torch.Tensor]
 
 XLABS = "xlabs"
+MISTOLINE = "mistoline"
 NATIVE = "native"
 DIFFUSERS = "diffusers"
 
@@ -90,6 +94,9 @@ def layout_of(keys: set[str]) -> str:
 
 def to_native(sd: StateDict, layout: str, name: str) -> StateDict:
     """The state dict with BFL names (what `FluxControlNet` is built with)."""
+    if layout == MISTOLINE:
+        single = "single_controlnet_blocks."
+        return {("controlnet_single_blocks." + k[len(single):] if k.startswith(single) else k): v for k, v in sd.items()}
     if layout != DIFFUSERS:
         return dict(sd)
     out: StateDict = {}
@@ -170,7 +177,8 @@ def infer_config(sd: StateDict, name: str) -> "FluxControlNetConfig":
         bias = True
     if hidden % head_dim:
         raise LoadError(f"{name}: width {hidden} is no multiple of the head width {head_dim}; the file is damaged")
-    pixel = "input_hint_block.0.weight" in sd
+    mistoline = "input_cond_block.encoder.0.weight" in sd
+    pixel = mistoline or "input_hint_block.0.weight" in sd
     modes = shape("controlnet_mode_embedder.weight")[0] if "controlnet_mode_embedder.weight" in sd else 0
     return FluxControlNetConfig(
         hidden_size=hidden, num_heads=hidden // head_dim, depth=depth, depth_single=single,
@@ -178,4 +186,5 @@ def infer_config(sd: StateDict, name: str) -> "FluxControlNetConfig":
         context_dim=shape("txt_in.weight")[1], vec_dim=shape("vector_in.in_layer.weight")[1],
         mlp_hidden=mlp_hidden, guidance_embed="guidance_in.in_layer.weight" in sd, qkv_bias=bias,
         axes_dim=axes_for(head_dim), num_modes=modes, hint="pixel" if pixel else "latent",
+        stem="mistoline" if mistoline else "xlabs",
     )
