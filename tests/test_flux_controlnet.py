@@ -366,3 +366,16 @@ def test_mistoline_layout_is_read():
     double, single = _ours(net, inp, pixel=True)
     assert len(double) == 2 and len(single) == 1 and double[0].shape == (1, 24, 32)
     assert (double[0] >= -0.2785).all()  # SiLU's minimum: the blocks end in a SiLU
+
+
+def test_truncated_file_is_refused_naming_the_family(tmp_path):
+    """A Flux ControlNet cut short (an interrupted 6 GB download): a LoadError that names the family
+    from the header, not a crash."""
+    from comfyui_controlnet_core.controlnet_core.errors import LoadError
+
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_state_dict(diffusers_controlnet(2, 2, modes=10, seed=1).state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(LoadError, match=r"Its header says it is a Flux ControlNet"):
+        load_controlnet(path)
