@@ -128,6 +128,8 @@ for case, depth, single, latent, modes, union_type, batch, (h, w), inpaint in CA
             "guidance": torch.full((batch,), 3.5)}
     want, their = host_out(builtin(cn, latent, union_type, inpaint in (True, None)), hint, 0.7, x, sigma, cond, batch, extra)
     mine, net = ours(cn, union_type)
+    if case == "instantx-5-0":
+        latent_net = mine  # for the refusals below
     got, control = host_out(mine, hint, 0.7, x, sigma, cond, batch, extra)
     plain = host(x, ms.timestep(sigma), cond["c_crossattn"], y=cond["y"], guidance=cond["guidance"])
     assert len(control["input"]) == 19 and len(control["output"]) == (38 if single else 0), case
@@ -142,7 +144,8 @@ for case, depth, single, latent, modes, union_type, batch, (h, w), inpaint in CA
 # the host check: a Flux ControlNet on an SD1.5 model -> a sentence before the first step
 sd_model = SimpleNamespace(model_sampling=ms, latent_format=None, diffusion_model=None,
                            model_config=SimpleNamespace(unet_config={"context_dim": 768, "adm_in_channels": None}))
-c = mine.copy().set_cond_hint(hint, 0.7, (0.0, 1.0), vae=vae)
+hint = torch.rand(1, 3, 64, 96, generator=g)
+c = latent_net.copy().set_cond_hint(hint, 0.7, (0.0, 1.0), vae=vae)
 try:
     c.pre_run(sd_model, ms.percent_to_sigma)
     raise AssertionError("no refusal")
@@ -150,7 +153,7 @@ except errors.InputError as e:
     assert "made for Flux.1 models" in str(e) and "SD1.x (a UNet)" in str(e), e
     print("refused:", e)
 # a latent net without a VAE
-c = mine.copy().set_cond_hint(hint, 0.7, (0.0, 1.0), vae=None)
+c = latent_net.copy().set_cond_hint(hint, 0.7, (0.0, 1.0), vae=None)
 try:
     c.pre_run(model, ms.percent_to_sigma)
     raise AssertionError("no refusal")
