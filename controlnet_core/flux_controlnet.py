@@ -304,7 +304,6 @@ class FluxControlNet(nn.Module):
     host_inputs = ("y", "guidance")
     fast_path_net = None     # the CUDA runner (fast/) runs UNet ControlNets only
     fusion_key = None
-    supports_global_pool = True
 
     def __init__(self, config: FluxControlNetConfig, ops: Any = None, device: Any = None,
                  dtype: torch.dtype | None = None):
