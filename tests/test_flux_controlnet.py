@@ -379,3 +379,21 @@ def test_truncated_file_is_refused_naming_the_family(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(LoadError, match=r"Its header says it is a Flux ControlNet"):
         load_controlnet(path)
+
+
+def test_xlabs_given_a_vae_ignores_it_and_says_so_once(caplog):
+    import logging
+
+    from test_nodes import StandInControl, conditioning
+    from comfyui_controlnet_core.nodes.adapter import apply_control
+    from comfyui_controlnet_core.nodes.control_object import NetHandle
+
+    net = load_controlnet(diffusers_controlnet(2, 0, pixel=True, seed=5).state_dict(), name="x")
+    obj = StandInControl(NetHandle(net, object(), "flux-canny-controlnet-v3.safetensors"))
+    image = torch.rand(1, 64, 64, 3)
+    with caplog.at_level(logging.INFO):
+        for _ in range(2):
+            pos, neg = apply_control(conditioning(32), conditioning(32), obj, image, 0.8, 0.0, 1.0, vae=object())
+    notes = [r for r in caplog.records if "takes its hint as pixels" in r.getMessage()]
+    assert len(notes) == 1 and "flux-canny-controlnet-v3.safetensors" in notes[0].getMessage()
+    assert pos[0][1]["control"].cncore_stack().controls[0].hint_encoder is None  # the VAE is not used
