@@ -397,3 +397,33 @@ def test_xlabs_given_a_vae_ignores_it_and_says_so_once(caplog):
     notes = [r for r in caplog.records if "takes its hint as pixels" in r.getMessage()]
     assert len(notes) == 1 and "flux-canny-controlnet-v3.safetensors" in notes[0].getMessage()
     assert pos[0][1]["control"].cncore_stack().controls[0].hint_encoder is None  # the VAE is not used
+
+
+def test_inpaint_net_gets_the_mask_after_the_latent():
+    """A 17-channel (AliMama inpaint) net: the control object appends the mask ComfyUI's inpaint node
+    hands over (resized to the latent, nearest) after the VAE latent; without one, ones (checked
+    against ComfyUI in test_comfyui_flux)."""
+    from test_nodes import StandInControl
+    from comfyui_controlnet_core.controlnet_core.flux_controlnet import FluxControlNet, FluxControlNetConfig
+    from comfyui_controlnet_core.nodes.control_object import NetHandle
+
+    cfg = FluxControlNetConfig(hidden_size=32, num_heads=2, depth=1, depth_single=0, context_dim=32, vec_dim=24,
+                               mlp_hidden=128, axes_dim=(4, 6, 6), hint_channels=68)
+    net = FluxControlNet(cfg)
+    assert net.latent_channels == 17 and net.mask_channels == 1
+    vae = _FakeVAE()
+
+    class ComfyVAE:
+        def encode(self, pixels):
+            return vae(pixels.movedim(-1, 1))
+
+    image = torch.rand(1, 3, 64, 96)
+    mask = torch.zeros(1, 1, 64, 96)
+    mask[..., 32:, :] = 1.0
+    c = StandInControl(NetHandle(net, object(), "inpaint")).copy()
+    c.set_cond_hint(image, 1.0, (0.0, 1.0), vae=ComfyVAE(), extra_concat=[mask])
+    latent = c.cncore_hint_encoder(net)(image)
+    assert latent.shape == (1, 17, 8, 12)
+    assert torch.equal(latent[:, :16], vae(image)) and torch.equal(latent[:, 16:], mask[..., ::8, ::8])
+    c.set_cond_hint(image, 1.0, (0.0, 1.0), vae=ComfyVAE())
+    assert torch.equal(c.cncore_hint_encoder(net)(image)[:, 16:], torch.ones(1, 1, 8, 12))
