@@ -450,10 +450,11 @@ class CoreControlMixin:
             if host is not None:
                 if kind not in host.models:
                     what = f"{model_name} (a UNet)" if ctx is not None else model_name.split(" (")[0]
+                    kinds = ", ".join(KIND_NAMES.get(k, k) for k in host.models)
                     raise InputError(
-                        f"the {h.kind} {h.name!r} is made for {host.name} models (Flux dev / schnell, Chroma), but "
-                        f"the checkpoint being sampled is {what}; use it with a Flux checkpoint, or load a "
-                        "ControlNet made for your checkpoint"
+                        f"the {h.kind} {h.name!r} is made for {host.name} models ({kinds}), but the checkpoint "
+                        f"being sampled is {what}; use it with a {host.name} checkpoint, or load a ControlNet made "
+                        "for your checkpoint"
                     )
                 continue
             if not h.fits(ctx, adm):
