@@ -72,7 +72,7 @@ from .errors import ControlNetError, InputError
 from .hint import INTERPOLATIONS, RESIZE_MODES, check_choice, resize_hint, tile_to_batch, to_bchw
 from .host import (
     ATTENTION, COND, FEATURE, SLOTS, AttnFn, FeatureFn, HostWeights, Outputs, PercentToSigma, ResidualDict,
-    StepRequest, control_dict,
+    StepRequest, control_dict, spread_blocks,
 )
 from .fast.runner import stack_residuals
 
@@ -284,8 +284,18 @@ class Control:
         *,
         mask: torch.Tensor | None = None,
         previous: "Control | None" = None,
+        hint_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.net = net
+        # A family whose hint is a latent (`hint_space` "latent": Flux InstantX / Union) gets the
+        # resized hint image through the host's VAE: `hint_encoder` (B, 3, H, W) in [0, 1] -> the
+        # latent in the host's latent format.
+        if getattr(net, "hint_space", "pixel") == "latent" and hint_encoder is None:
+            raise InputError(
+                f"the {net.family} ({_source(net)}) takes its hint as a latent: connect the VAE of your "
+                "checkpoint to the apply node's vae input"
+            )
+        self.hint_encoder = hint_encoder if getattr(net, "hint_space", "pixel") == "latent" else None
         self.settings = settings if settings is not None else ControlSettings()
         try:
             self.hint = to_bchw(hint, net.hint_channels)
@@ -427,7 +437,8 @@ class Control:
             # channels at 8x the latent, 1 GiB per activation for 64 hints at 512 px), so a big batch
             # would peak at several GiB at once. The outputs are concatenated: the same embedding.
             n = max(1, EMBED_CHUNK_PIXELS // (height * width))
-            parts = [self.net.embed_hint(hint[i : i + n].to(device)) for i in range(0, hint.shape[0], n)]
+            encode = self.hint_encoder or (lambda image: image)
+            parts = [self.net.embed_hint(encode(hint[i : i + n]).to(device)) for i in range(0, hint.shape[0], n)]
             self._cache[key] = parts[0] if len(parts) == 1 else cat_tensors(parts)
         return self._cache[key]
 
@@ -491,7 +502,7 @@ class ControlStack:
             total = out if total is None else add_outputs(total, out)
         if total is None:
             return None
-        return control_dict(total)
+        return control_dict(total, indexed=getattr(self.controls[0].net, "host", None) is not None)
 
 
 def fusion_groups(controls: Sequence[Control]) -> list[list[Control]]:
@@ -548,8 +559,12 @@ def _group_outputs(group: Sequence[Control], request: StepRequest) -> Outputs | 
         x, t = x[rows], t[rows]
         context = _take(context, rows, batch)
         y = None if y is None else _take(y, rows, batch)
+    kw = {}
+    if "guidance" in getattr(lead.net, "host_inputs", ()) and request.guidance is not None:
+        g = torch.as_tensor(request.guidance).reshape(-1)
+        kw["guidance"] = g if rows is None or g.shape[0] != batch else g[rows]
     if len(group) == 1:
-        raw = lead.net.control_outputs(x, t, context, y, embs[0])
+        raw = lead.net.control_outputs(x, t, context, y, embs[0], **kw)
         strength = lead.settings.strength
     else:  # one pass; the model applies each control's strength
         raw = lead.net.fused_outputs(x, t, context, y, [(c.net, e, c.settings.strength) for c, e in zip(group, embs)])
@@ -571,6 +586,9 @@ def _group_outputs(group: Sequence[Control], request: StepRequest) -> Outputs | 
         if tuple(block) not in feature_weight:
             feature_weight[tuple(block)] = next(scales)
         out[FEATURE].append((block, lead._feature_term(fn, strength * feature_weight[tuple(block)], rows, batch, chunks)))
+    host = getattr(lead.net, "host", None)
+    if host is not None:  # a DiT family: its per-block maps as the host's per-block token lists
+        out = spread_blocks(out, host, lead.net.tiling)
     return out
 
 
@@ -650,6 +668,9 @@ def _source(net: ControlModel) -> str:
 
 
 def _describe(c: Control) -> str:
+    host = getattr(c.net, "host", None)
+    if host is not None:
+        return f"{c.net.arch} ({c.net.family} for a {host.name} transformer of width {c.net.host_layout[0]})"
     if c.net.host_layout is None:
         return f"{c.net.arch} ({c.net.family} for {' or '.join(c.net.host_archs)} UNets)"
     mc, mult, _ = c.net.host_layout

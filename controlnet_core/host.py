@@ -62,6 +62,17 @@ key names (`input_blocks.*`, ...) as it is now, LoRAs applied: families made of 
 weights (Control-LoRA) are built from it at the start of every run.
 
 `source` is a `control.Control` or `control.ControlStack` (anything with `pre_run` and `residuals`).
+
+DiT hosts (Flux, Chroma). A transformer host has no encoder/decoder: it adds residuals to its image
+tokens after each block, reading them by INDEX (`control["input"][i]` after double block i,
+`control["output"][i]` after single block i, on the leading image tokens, `img[:, :n] += add`), so
+the lists are not reversed. What differs between hosts is data, `DiTHost` (block counts per slot),
+and a family's tiling rule (`BlockMap`): a ControlNet with n < N blocks covers the host's N blocks
+either consecutively (`s[i // ceil(N/n)]`: ComfyUI's and diffusers' rule for latent-input nets) or
+cyclically (`s[i % n]`: XLabs). A DiT family answers one (B, C, th, tw) map per own block in
+encoder order (masks and pooling work on the token grid); `spread_blocks` turns each map into the
+(B, th*tw, C) tokens once and repeats the same tensor where the rule repeats it, so a repeated
+output is scaled once (ComfyUI's `control_merge` scales shared repeats once, in place).
 """
 
 from __future__ import annotations
@@ -119,7 +130,8 @@ class StepRequest:
     timesteps: (B,) the same step on the model's 0..999 scale;
     context:   (B, L, D) text context; y: (B, adm) SDXL vector or None;
     cond_or_uncond: one entry per equal chunk of the batch, 0 = cond (positive), 1 = uncond
-               (negative), in batch order (ComfyUI's `transformer_options["cond_or_uncond"]`).
+               (negative), in batch order (ComfyUI's `transformer_options["cond_or_uncond"]`);
+    guidance:  (B,) or None: the guidance value a guidance-distilled DiT (Flux dev) reads.
     """
 
     x: torch.Tensor
@@ -128,6 +140,7 @@ class StepRequest:
     context: torch.Tensor
     y: torch.Tensor | None = None
     cond_or_uncond: tuple[int, ...] = (COND,)
+    guidance: torch.Tensor | None = None  # (B,) Flux dev's distilled guidance; None for other hosts
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cond_or_uncond", tuple(int(c) for c in self.cond_or_uncond))
@@ -168,12 +181,56 @@ class ControlSource(Protocol):
     def residuals(self, request: StepRequest) -> ResidualDict | None: ...
 
 
-def control_dict(outputs: Outputs) -> ResidualDict:
+@dataclass(frozen=True)
+class DiTHost:
+    """A transformer host's layout: how many blocks read each control slot (module docstring)."""
+
+    name: str                          # "Flux.1"
+    blocks: tuple[tuple[str, int], ...]  # (slot, host blocks reading it)
+    models: tuple[str, ...]            # the host model kinds it covers (ComfyUI's `image_model`)
+
+
+FLUX_HOST = DiTHost("Flux.1", (("input", 19), ("output", 38)), ("flux", "chroma"))
+TILINGS = ("consecutive", "cyclic")
+
+
+@dataclass(frozen=True)
+class BlockMap:
+    """Which of a ControlNet's n outputs each of the host's N blocks gets."""
+
+    n: int
+    host_blocks: int
+    rule: str  # TILINGS
+
+    def index(self, i: int) -> int:
+        if self.rule == "cyclic":
+            return i % self.n
+        return i // -(-self.host_blocks // self.n)
+
+    def sources(self) -> list[int]:
+        """The output index per host block, for the host blocks that get one."""
+        if self.n == 0:
+            return []
+        return [j for j in (self.index(i) for i in range(self.host_blocks)) if j < self.n]
+
+
+def spread_blocks(outputs: Outputs, host: DiTHost, rule: str) -> Outputs:
+    """A DiT family's per-block maps (B, C, th, tw) as the host's per-block token lists."""
+    out: Outputs = {k: v for k, v in outputs.items() if k not in dict(host.blocks)}
+    for slot, count in host.blocks:
+        maps = outputs.get(slot, [])
+        tokens = [None if m is None else m.flatten(2).transpose(1, 2) for m in maps]
+        out[slot] = [tokens[j] for j in BlockMap(len(tokens), count, rule).sources()]
+    return out
+
+
+def control_dict(outputs: Outputs, indexed: bool = False) -> ResidualDict:
     """The dict ComfyUI's UNet consumes, with fresh lists (the UNet pops them empty): `input` is
     reversed (popped from the end, block 0 first); `output` stays in encoder order (popped from the
-    end by the decoder, deepest first); attention-input patches grouped per site, in order."""
+    end by the decoder, deepest first); attention-input patches grouped per site, in order.
+    `indexed` (DiT hosts, which read the lists by block index): `input` stays in block order."""
     out: ResidualDict = {
-        "input": list(reversed(outputs.get("input", []))),
+        "input": list(outputs.get("input", []) if indexed else reversed(outputs.get("input", []))),
         "middle": list(outputs.get("middle", [])),
         "output": list(outputs.get("output", [])),
     }

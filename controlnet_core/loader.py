@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from . import control_lora, controlnext, lllite, t2i_adapter, union
+from . import control_lora, controlnext, flux_controlnet, lllite, t2i_adapter, union
 from . import model as classic
 from .errors import LoadError, UnsupportedFamilyError
 from .formats import detect
@@ -200,6 +200,7 @@ FAMILY_LOADERS: dict[str, FamilyLoader] = {
     detect.UNION: FamilyLoader(union.load, union.arch),
     detect.LLLITE: FamilyLoader(lllite.load, lllite.arch),
     detect.CONTROLNEXT: FamilyLoader(controlnext.load, controlnext.arch),
+    detect.FLUX: FamilyLoader(flux_controlnet.load, flux_controlnet.arch),
 }
 
 

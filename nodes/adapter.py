@@ -61,6 +61,7 @@ FOLDER = "controlnet"
 
 _CLASS: type | None = None
 _converted: "weakref.WeakKeyDictionary[Any, NetHandle]" = weakref.WeakKeyDictionary()
+_vae_noted: "weakref.WeakSet[NetHandle]" = weakref.WeakSet()
 
 
 def control_class() -> type:
@@ -72,8 +73,20 @@ def control_class() -> type:
         _CLASS = type("CNCoreControlNet", (CoreControlMixin, comfy.controlnet.ControlBase), {
             "__module__": __name__,
             "__doc__": "A controlnet_core ControlNet speaking ComfyUI's control protocol.",
+            "cncore_vae_encode": staticmethod(vae_encode),
         })
     return _CLASS
+
+
+def vae_encode(vae: Any, image: torch.Tensor) -> torch.Tensor:
+    """A hint image (B, 3, H, W) in [0, 1] through ComfyUI's VAE, as its ControlNet.get_control does
+    it mid-sampling: the VAE is loaded for the encode, then the models of the run are loaded back."""
+    import comfy.model_management as mm
+
+    loaded = mm.loaded_models(only_currently_used=True)
+    latent = vae.encode(image.movedim(1, -1))
+    mm.load_models_gpu(loaded)
+    return latent
 
 
 def is_core_control(obj: Any) -> bool:
@@ -166,7 +179,10 @@ def model_info(name: Any) -> dict:
     # detect's display names carry the layout in brackets ("ControlNet (v1.1 layout)"); the label
     # names the layout once, as its own part
     family = re.sub(r"\s*\([^)]*\blayout\)$", "", info.family)
-    label = " · ".join(part for part in (family, arch, info.layout) if part)
+    hint = re.search(r"\s*\(([^)]*\bhint)\)$", family)  # DiT families: "(pixel hint)" / "(latent hint)"
+    if hint is not None:
+        family = family[: hint.start()]
+    label = " · ".join(part for part in (family, arch, info.layout, hint and hint.group(1)) if part)
     if not info.supported:
         label += " · not run by this pack"
     return {"name": name, "family": family, "arch": info.arch, "arch_label": arch, "layout": info.layout,
@@ -420,6 +436,12 @@ def load_control(name: str) -> Any:
                               compute_dtype=compute)
         if fp8 and getattr(net, "fast_path_net", None) is net:  # a plain ControlNet (fp8 storage is the runner's)
             fast.prepare(net, fp8=True)
+        elif fp8 and getattr(net, "host", None) is not None:
+            # DiT nets are big (a Flux Union: 3.3 B parameters): --fp8_e4m3fn-unet stores a bf16/fp16
+            # file as fp8 (per-tensor scale), each layer upcasting its weight to the compute dtype as it
+            # runs. An fp8 file needs nothing here: it is already stored as it is (storage dtype e4m3,
+            # manual-cast layers, _dtype_and_devices), its values kept exactly
+            fast.prepare(net, fp8=True)
     except UnsupportedFamilyError as e:
         raise UnsupportedFamilyError(f"{e}. ComfyUI's own 'Load ControlNet Model' node may load it") from None
     except ControlNetError:
@@ -431,6 +453,9 @@ def load_control(name: str) -> Any:
         ) from None
     control = control_class()(_make_handle(net, name, load_device, offload_device))
     control.global_average_pooling = default_global_pool(name)
+    # an inpaint net (AliMama: latent + mask) is one for ComfyUI's ControlNetInpaintingAliMamaApply,
+    # which reads this flag to pass the (inverted) mask and black out the masked pixels
+    control.concat_mask = getattr(net, "mask_channels", 0) > 0
     log.info("CNCore: loaded %s: %s for %s (%s layout, weights %s, computed in %s)", name, net.family,
              FAMILY.get(net.arch, net.arch), getattr(net, "source_format", "?"),
              str(net.storage_dtype).removeprefix("torch."), str(net.dtype).removeprefix("torch."))
@@ -585,6 +610,11 @@ def apply_control(
         probe = make()
         probe.cncore_stack()  # validates settings, hints, masks and the stack's architectures now
         check_conditioning(probe.cncore_handles(), positive, negative)
+        if vae is not None:
+            for h in probe.cncore_handles():
+                if getattr(h.net, "hint_space", None) == "pixel" and h not in _vae_noted:
+                    _vae_noted.add(h)  # once per loaded net
+                    log.info("CNCore: %s takes its hint as pixels; the connected VAE is not used for it", h.name)
         if not ours:
             log.debug("CNCore: using %s through the CNCore runtime", handle.name)
 

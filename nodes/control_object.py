@@ -53,6 +53,7 @@ import torch
 from ..controlnet_core import fast
 from ..controlnet_core.control import Control, ControlSettings, ControlStack, with_control_type
 from ..controlnet_core.errors import ControlNetError, InputError
+from ..controlnet_core.hint import resize_hint
 from ..controlnet_core.host import (
     ATTENTION, COND, FEATURE, AttnFn, AttnSite, FeatureFn, StepRequest, apply_attention, apply_features,
 )
@@ -62,7 +63,7 @@ DEFAULT_RESIZE = "crop"
 DEFAULT_INTERPOLATION = "nearest-exact"
 DEFAULT_CONTROL_TYPE = "auto"
 
-FAMILY = {"sd15": "SD1.x", "sd21": "SD2.x", "sdxl": "SDXL"}
+FAMILY = {"sd15": "SD1.x", "sd21": "SD2.x", "sdxl": "SDXL", "flux": "Flux.1"}
 ARCH_OF_WIDTH = {768: "sd15", 1024: "sd21", 2048: "sdxl"}  # text-conditioning width -> base model
 
 
@@ -76,6 +77,12 @@ def family_of_width(width: int) -> str:
 def needs_y(net: Any) -> bool:
     """Whether a control model takes SDXL's `y` vector (pooled text + sizes)."""
     return getattr(net, "adm_channels", None) is not None
+
+
+def reads_input(net: Any, name: str) -> bool:
+    """Whether a control model reads this optional host input ("y": a DiT's pooled text,
+    "guidance": Flux dev's distilled guidance)."""
+    return name in getattr(net, "host_inputs", ())
 
 
 def arch_of(context_dim: int | None, adm: int | None) -> str | None:
@@ -105,12 +112,20 @@ class NetHandle:
         """What it is, for messages: "ControlNet", "T2I-Adapter", ..."""
         return getattr(self.net, "family", "ControlNet")
 
+    @property
+    def host(self) -> Any:
+        """The DiT host layout it is made for (`controlnet_core.host.DiTHost`), None for UNet families."""
+        return getattr(self.net, "host", None)
+
     def fits(self, context_dim: int | None, adm: int | None, check_adm: bool = True) -> bool:
         """Whether it runs on a base model of this text width (and `y` width). A model that knows
         its base model's text width (a ControlNet: `context_dim`) must match it exactly; other
-        families (adapters) name the base models they fit (`host_archs`)."""
+        families (adapters) name the base models they fit (`host_archs`). A DiT family reads no SDXL
+        `y`: only its text width counts (the host kind is checked by `cncore_check_model`)."""
         net = self.net
         want = getattr(net, "context_dim", None)
+        if self.host is not None:
+            return context_dim == want
         if want is not None:
             return context_dim == want and (not check_adm or (adm is None) == (getattr(net, "adm_channels", None) is None))
         if not check_adm:
@@ -283,8 +298,22 @@ def model_family(model: Any) -> tuple[int | None, int | None, str]:
     ctx = cfg.get("context_dim")
     adm = cfg.get("adm_in_channels")
     if ctx is None:
-        return None, None, f"a {type(model).__name__} model (not a Stable Diffusion UNet)"
+        kind = cfg.get("image_model")
+        name = KIND_NAMES.get(kind, kind) if kind else type(model).__name__
+        return None, None, f"a {name} model (not a Stable Diffusion UNet)"
     return int(ctx), (None if adm is None else int(adm)), family_of_width(ctx)
+
+
+# ComfyUI's `image_model` of the transformer models, as users call them
+KIND_NAMES = {"flux": "Flux", "chroma": "Chroma", "mmdit": "SD3", "qwen_image": "Qwen-Image", "hydit": "HunyuanDiT"}
+
+
+def model_kind(model: Any) -> str | None:
+    """The transformer kind of the model being sampled (ComfyUI's `image_model`: "flux", "chroma",
+    ...); None for a UNet."""
+    cfg = getattr(getattr(model, "model_config", None), "unet_config", None) or {}
+    kind = cfg.get("image_model")
+    return None if kind is None else str(kind)
 
 
 class HostWeights(Mapping):
@@ -342,6 +371,9 @@ class CoreControlMixin:
         self.cncore_control_type = DEFAULT_CONTROL_TYPE
         self.cncore_multi_condition = False  # Union: one multi-condition pass (ControlStack fuse)
         self.cncore_entries: list[BoundEntry] = []
+        self.cncore_vae: Any = None  # the apply node's VAE: latent-hint families encode their hint with it
+        self.cncore_extra_concat: list = []  # inpaint masks (ComfyUI's ControlNetInpaintingAliMamaApply)
+        self._cncore_latent_format: Any = None  # the sampled model's latent format (set at pre_run)
         self._cncore_stack: ControlStack | None = None
         self._cncore_sampling: Any = None
         self._cncore_checked: set = set()
@@ -377,15 +409,63 @@ class CoreControlMixin:
             net = with_control_type(self.handle.net, self.cncore_type(), self.handle.name)
             controls.append(
                 Control(net, self.cond_hint_original, self.cncore_settings(self.strength, start, end),
-                        mask=self.cncore_mask)
+                        mask=self.cncore_mask, hint_encoder=self.cncore_hint_encoder(net))
             )
         for e in self.cncore_entries:
             net = with_control_type(e.handle.net, e.control_type, e.handle.name)
             controls.append(
                 Control(net, e.hint,
-                        self.cncore_settings(e.strength, e.start_percent, e.end_percent, e.global_pool), mask=e.mask)
+                        self.cncore_settings(e.strength, e.start_percent, e.end_percent, e.global_pool), mask=e.mask,
+                        hint_encoder=self.cncore_hint_encoder(net))
             )
         return ControlStack(controls, fuse=self.cncore_multi_condition)
+
+    def cncore_hint_encoder(self, net: Any) -> Any:
+        """For a latent-hint family: the hint image -> the VAE's latent in the sampled model's latent
+        format (ComfyUI's `latent_format.process_in(vae.encode(...))`); None when no VAE is connected
+        (the Control then says so) or the family reads pixels."""
+        if getattr(net, "hint_space", "pixel") != "latent" or self.cncore_vae is None:
+            return None
+        vae = self.cncore_vae
+        extra = list(self.cncore_extra_concat) or [torch.ones(1, 1, 1, 1)]
+
+        def encode(image: torch.Tensor) -> torch.Tensor:
+            latent = self.cncore_vae_encode(vae, image)
+            fmt = self._cncore_latent_format
+            latent = latent if fmt is None else fmt.process_in(latent)
+            want = getattr(net, "latent_channels", latent.shape[1])
+            if want <= latent.shape[1]:
+                return latent
+            # an inpaint net (AliMama: 16 + 1): the mask(s) ComfyUI's inpaint apply node passes (already
+            # inverted: 1 = keep), else ones, each resized to the latent as ComfyUI does (centre crop,
+            # nearest-exact) and concatenated after it
+            parts = [latent]
+            b = latent.shape[0]
+            for m in extra:
+                m = m.reshape(-1, 1, *m.shape[-2:]).to(device=latent.device, dtype=torch.float32)
+                m = resize_hint(m, latent.shape[-2], latent.shape[-1], "crop", "nearest-exact")
+                parts.append(m.repeat(-(-b // m.shape[0]), 1, 1, 1)[:b])  # ComfyUI's repeat_to_batch_size
+            out = torch.cat([p.to(latent.dtype) for p in parts], dim=1)
+            if out.shape[1] != want:
+                raise InputError(
+                    f"the {net.family} {self.handle.name!r} takes a {want}-channel latent (the image latent and "
+                    f"{want - latent.shape[1]} mask channel(s)), got {out.shape[1]}; connect one inpaint mask"
+                )
+            return out
+
+        return encode
+
+    @staticmethod
+    def cncore_vae_encode(vae: Any, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> the VAE's latent (the adapter adds ComfyUI's model reloading)."""
+        return vae.encode(image.movedim(1, -1))
+
+    def set_cond_hint(self, cond_hint, strength=1.0, timestep_percent_range=(0.0, 1.0), vae=None, extra_concat=()):
+        # ControlBase keeps the VAE only for its own latent-format families: ours decide per model
+        out = super().set_cond_hint(cond_hint, strength, timestep_percent_range, vae=vae, extra_concat=list(extra_concat))
+        self.cncore_vae = vae
+        self.cncore_extra_concat = list(extra_concat)
+        return out
 
     def cncore_type(self, control_type: str = DEFAULT_CONTROL_TYPE) -> str | int:
         """The Union type to run this net with: `control_type` (a Combine node's, for a stack entry of
@@ -407,7 +487,19 @@ class CoreControlMixin:
     def cncore_check_model(self, model: Any) -> None:
         """Refuse a control model of another family than the model, before the first step."""
         ctx, adm, model_name = model_family(model)
+        kind = model_kind(model)
         for h in self.cncore_handles():
+            host = h.host
+            if host is not None:
+                if kind not in host.models:
+                    what = f"{model_name} (a UNet)" if ctx is not None else model_name.split(" (")[0]
+                    kinds = ", ".join(KIND_NAMES.get(k, k) for k in host.models)
+                    raise InputError(
+                        f"the {h.kind} {h.name!r} is made for {host.name} models ({kinds}), but the checkpoint "
+                        f"being sampled is {what}; use it with a {host.name} checkpoint, or load a ControlNet made "
+                        "for your checkpoint"
+                    )
+                continue
             if not h.fits(ctx, adm):
                 raise InputError(
                     f"the {h.kind} {h.name!r} is made for {h.family} models, but the checkpoint being sampled "
@@ -427,6 +519,7 @@ class CoreControlMixin:
         stack.pre_run(percent_to_timestep_function, None if unet is None else (lambda: HostWeights(unet)))
         self._cncore_stack = stack
         self._cncore_sampling = model.model_sampling
+        self._cncore_latent_format = getattr(model, "latent_format", None)
 
     def get_control(self, x_noisy, t, cond, batched_number, transformer_options=None):
         prev = None
@@ -473,8 +566,13 @@ class CoreControlMixin:
                     "conditioning, which this model does not provide; use an SDXL checkpoint"
                 )
             y = y.to(device=device, dtype=dtype)
+        elif any(reads_input(c.net, "y") for c in stack.controls) and cond.get("y") is not None:
+            y = cond["y"].to(device=device, dtype=dtype)  # a DiT's pooled text (Flux); absent (Chroma): zeros
+        guidance = None
+        if any(reads_input(c.net, "guidance") for c in stack.controls) and cond.get("guidance") is not None:
+            guidance = cond["guidance"].to(device=device, dtype=torch.float32)
         cond_or_uncond = (transformer_options or {}).get("cond_or_uncond") or [COND] * int(batched_number)
-        request = StepRequest(x_in, t, timesteps, context, y, tuple(cond_or_uncond))
+        request = StepRequest(x_in, t, timesteps, context, y, tuple(cond_or_uncond), guidance=guidance)
         with torch.no_grad():
             return fast.on_read(stack.residuals(request))
 
@@ -488,6 +586,8 @@ class CoreControlMixin:
         c.cncore_control_type = self.cncore_control_type
         c.cncore_multi_condition = self.cncore_multi_condition
         c.cncore_entries = list(self.cncore_entries)
+        c.cncore_vae = self.cncore_vae
+        c.cncore_extra_concat = list(self.cncore_extra_concat)
         return c
 
     def get_models(self):

@@ -9,6 +9,7 @@ import torch
 
 from ..controlnet_core.control import MAX_STRENGTH, MODES
 from ..controlnet_core.hint import INTERPOLATIONS, RESIZE_MODES
+from ..controlnet_core.flux_controlnet import FLUX_UNION_MODES
 from ..controlnet_core.union import AUTO, CONTROL_TYPES
 from . import adapter
 from .control_object import DEFAULT_CONTROL_TYPE, DEFAULT_INTERPOLATION, DEFAULT_MODE, DEFAULT_RESIZE
@@ -29,7 +30,8 @@ TIP_MASK = (
 
 TIP_CONTROL_TYPE = (
     "ControlNet Union / ProMax only: what the hint image is (ComfyUI's SetUnionControlNetType names). 'auto' = no "
-    "type (ComfyUI's plain hint path). tile and repaint need ProMax. Leave 'auto' for other ControlNets."
+    "type (ComfyUI's plain hint path). tile and repaint need ProMax. Flux Union / Union-Pro: its own modes canny, "
+    "tile, depth, blur, pose, gray, low quality (Union-Pro-2.0 has none). Leave 'auto' for other ControlNets."
 )
 TIP_MULTI_CONDITION = (
     "ControlNet Union / ProMax only. Off (default): each control type of a stack gets its own pass and the results "
@@ -41,7 +43,10 @@ TIP_MULTI_CONDITION = (
 
 
 def _control_type() -> tuple:
-    return ([AUTO, *CONTROL_TYPES], {"default": DEFAULT_CONTROL_TYPE, "tooltip": TIP_CONTROL_TYPE})
+    # the SDXL Union's names first (saved workflows keep their values), then the Flux Union modes
+    # that are not already there (depth and tile are both: each network reads a name its own way)
+    flux = [m for m in FLUX_UNION_MODES if m not in CONTROL_TYPES]
+    return ([AUTO, *CONTROL_TYPES, *flux], {"default": DEFAULT_CONTROL_TYPE, "tooltip": TIP_CONTROL_TYPE})
 
 
 def _strength() -> tuple:

@@ -75,6 +75,7 @@ MODEL_FILES = {
         "union", "ControlNet Union / ProMax (xinsir) · SDXL · diffusers"),
     "ControlAny-SDXL/anime_canny/controlnet.safetensors": ("controlnext", "ControlNeXt · SDXL · SDXL / SD1.5-v2 module"),
     "control_v11f1p_sd15_depth_fp16.safetensors": ("controlnet", "ControlNet · SD1.x · original"),
+    "FLUX.1-dev-ControlNet-Union-Pro.safetensors": ("flux", "Flux ControlNet · Flux.1 · diffusers · latent hint"),
 }
 # The network annotators' files the workflows' Preprocessors name (method, depth_model) -> a random
 # file of the real layout (preprocessors/nets) in models/annotators, so their preview shows a hint.
@@ -119,6 +120,10 @@ def write_model_file(name: str, path: Path) -> None:
         random_union(8, seed=1).save_pretrained(folder)
         shutil.move(folder / "diffusion_pytorch_model.safetensors", path)
         shutil.rmtree(folder)
+    elif family == "flux":  # diffusers' FluxControlNetModel weights (InstantX / Shakker layout), 10 modes
+        from helpers_flux import diffusers_controlnet, save_state_dict
+
+        save_state_dict(diffusers_controlnet(1, 1, modes=10, seed=1).state_dict(), path)
     else:
         raise AssertionError(f"no builder for family {family!r}")
 

@@ -216,9 +216,9 @@ def test_sdxl_workflows_validate_and_run(comfy_xl):
     """The shipped SDXL workflows (Union multi-type, LLLite) against the real /object_info, then
     queued as shipped but at 64x64 and 2 steps, on the files the fixture wrote under their names."""
     specs = comfy_xl.get("/object_info")
-    # our control types are ComfyUI's, in its order ("auto" first)
-    assert (specs["CNCore_ApplyControlNet"]["input"]["optional"]["control_type"][0]
-            == specs["SetUnionControlNetType"]["input"]["required"]["type"][0])
+    # our control types are ComfyUI's, in its order ("auto" first), then the Flux Union modes it lacks
+    theirs = specs["SetUnionControlNetType"]["input"]["required"]["type"][0]
+    assert specs["CNCore_ApplyControlNet"]["input"]["optional"]["control_type"][0][: len(theirs)] == theirs
     workflows = ci.workflows_for(XL_CKPT)
     assert {"ControlNet-LLLite - Canny (SDXL).json", "ControlNet Union - Canny and Tile (SDXL).json"} <= {p.name for p in workflows}
     for ui_path in workflows:

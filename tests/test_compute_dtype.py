@@ -10,6 +10,7 @@ LLLite formula written out (test_lllite.py), the Control-LoRA rule built by hand
 
 from __future__ import annotations
 
+import pytest
 import safetensors.torch
 import torch
 
@@ -165,3 +166,47 @@ def test_a_control_lora_keeps_its_file_tensors_as_stored_and_merges_in_the_dtype
     inp = make_inputs(cfg, batch=2, size=8)
     want = rule_outputs(H.by_the_rule(cfg, host, {k: v.float() for k, v in file_sd.items()}), inp)
     assert worst(outputs(model, inp), want) <= TOL
+
+
+def test_flux_fp16_storage_fp32_compute_equals_diffusers(tmp_path):
+    """The Flux family (a DiT net, issue 23) under the same rule: a Union with a mode and an XLabs-style
+    pixel net (diffusers layout), fp16 weights and fp32 compute, against diffusers' FluxControlNetModel
+    in fp32 on the rounded weights, per block output."""
+    from helpers_flux import diffusers_controlnet, inputs as flux_inputs, save_state_dict
+    from test_flux_controlnet import _diffusers_samples, _ours
+
+    for name, kw, mode in (("union", {"modes": 10}, 3), ("xlabs", {"pixel": True}, None)):
+        dm = rounded(diffusers_controlnet(2, 2 if mode is not None else 0, seed=41, **kw))
+        path = tmp_path / f"flux_{name}_fp16.safetensors"
+        save_state_dict({k: v.half() for k, v in dm.state_dict().items()}, path)
+        net = load_controlnet(path, dtype=F16, compute_dtype=F32)
+        stored_in_fp16(net)
+        assert isinstance(net.img_in, CAST_OPS.Linear)
+        inp = flux_inputs()
+        pixel = "pixel" in kw
+        got = sum(_ours(net, inp, () if mode is None else (mode,), pixel=pixel), [])
+        assert got[0].dtype == F32
+        err = worst(got, sum(_diffusers_samples(dm, inp, mode, pixel=pixel), []))
+        print(f"\n[compute dtype] Flux {name}: fp16 storage, fp32 compute vs diffusers: rel {err:.1e}")
+        assert err <= TOL
+
+
+def test_flux_fp8_file_stored_as_fp8_computed_wider_equals_the_upcast_model(tmp_path):
+    """A float8_e4m3fn Flux file as ComfyUI's storage rule keeps it (the adapter: storage = the file's
+    e4m3, compute fp16/fp32, manual cast): every weight stays e4m3, and the outputs equal those of
+    the model upcast to fp32 at load time exactly (the same values, widened per layer)."""
+    from helpers_flux import diffusers_controlnet, inputs as flux_inputs, save_state_dict
+    from test_flux_controlnet import _ours
+
+    e4m3 = getattr(torch, "float8_e4m3fn", None)
+    if e4m3 is None:
+        pytest.skip("this torch has no float8_e4m3fn")
+    ref = diffusers_controlnet(2, 2, modes=10, seed=43)
+    path = tmp_path / "flux_fp8.safetensors"
+    save_state_dict({k: v.to(e4m3) for k, v in ref.state_dict().items()}, path)
+    net = load_controlnet(path, dtype=e4m3, compute_dtype=F32)
+    assert net.dtype == F32 and net.storage_dtype == e4m3 and {p.dtype for p in net.parameters()} == {e4m3}
+    upcast = load_controlnet(path, dtype=F32)
+    inp = flux_inputs()
+    got, want = sum(_ours(net, inp, (3,)), []), sum(_ours(upcast, inp, (3,)), [])
+    assert got[0].dtype == F32 and all(torch.equal(a, b) for a, b in zip(got, want))

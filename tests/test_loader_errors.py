@@ -77,9 +77,7 @@ def test_folder_without_weights(tmp_path):
 UNSUPPORTED = {
     "T2I-Adapter (style)": ["style_embedding", "transformer_layes.0.attn.in_proj_weight", "ln_post.weight"],
     "SD3 / SD3.5 ControlNet": ["controlnet_blocks.0.weight", "pos_embed_input.proj.weight"],
-    "Flux ControlNet (XLabs)": ["controlnet_blocks.0.weight", "double_blocks.0.img_attn.norm.key_norm.scale"],
-    "Flux ControlNet (InstantX/Shakker)": ["controlnet_blocks.0.weight", "controlnet_x_embedder.weight"],
-    "Flux ControlNet (MistoLine)": ["controlnet_blocks.0.linear.weight"],
+    "DiT ControlNet (SD3 / Flux family)": ["controlnet_blocks.0.weight", "double_blocks.0.img_attn.norm.key_norm.scale"],
     "HunyuanDiT ControlNet": ["after_proj_list.18.bias", "blocks.0.attn1.q.weight"],
     "Stable Cascade ControlNet": ["backbone.0.0.weight"],
     "SparseCtrl": ["controlnet_cond_embedding.conv_in.weight", "down_blocks.0.motion_modules.0.x.weight"],

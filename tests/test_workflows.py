@@ -74,6 +74,13 @@ BUILTIN_SPECS: dict[str, dict] = {
         }},
         "output": ["LATENT"], "output_node": False,
     },
+    "FluxGuidance": {  # comfy_extras/nodes_flux.py
+        "input": {"required": {
+            "conditioning": ["CONDITIONING", {}],
+            "guidance": ["FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1}],
+        }},
+        "output": ["CONDITIONING"], "output_node": False,
+    },
     "VAEDecode": {
         "input": {"required": {"samples": ["LATENT", {}], "vae": ["VAE", {}]}},
         "output": ["IMAGE"], "output_node": False,
@@ -423,7 +430,7 @@ def test_file_names_read_as_template_titles():
     the workflow needs, and use only characters that are plain in a URL path (the space is encoded)
     and on every file system."""
     for p in UI_FILES:
-        assert re.fullmatch(r"[A-Z][A-Za-z0-9 .()-]+ \((SD1\.5|SDXL)\)", p.stem) and "  " not in p.stem, p.name
+        assert re.fullmatch(r"[A-Z][A-Za-z0-9 .()-]+ \((SD1\.5|SDXL|Flux)\)", p.stem) and "  " not in p.stem, p.name
 
 
 @pytest.mark.parametrize("ui_path", UI_FILES, ids=[p.stem for p in UI_FILES])
@@ -481,6 +488,12 @@ def test_workflows_show_what_their_names_promise():
     masked = api("ControlNet - Masked Region (SD1.5).json")
     apply = [n for n in masked.values() if n["class_type"] == "CNCore_ApplyControlNet"][0]
     assert isinstance(apply["inputs"].get("mask"), list)
+    flux = api("ControlNet Union - Canny and Tile (Flux).json")
+    apply = [n for n in flux.values() if n["class_type"] == "CNCore_ApplyControlNet"][0]
+    combine = [n for n in flux.values() if n["class_type"] == "CNCore_CombineControls"][0]
+    assert isinstance(apply["inputs"].get("vae"), list) and isinstance(apply["inputs"].get("control_stack"), list)
+    assert (apply["inputs"]["control_type"], combine["inputs"]["control_type"]) == ("canny", "tile")  # Flux modes
+    assert any(n["class_type"] == "FluxGuidance" for n in flux.values())
     sched = api("ControlNet - Start and End Percent (SD1.5).json")
     apply = [n for n in sched.values() if n["class_type"] == "CNCore_ApplyControlNet"][0]
     assert (apply["inputs"]["start_percent"], apply["inputs"]["end_percent"]) != (0.0, 1.0)

@@ -38,6 +38,9 @@ def fp8_supported() -> bool:
 
 def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w32 = w.detach().float()
+    exact = w32.to(FP8)
+    if torch.equal(exact.float(), w32):  # already e4m3 values (an fp8 file): stored as they are, scale 1
+        return exact, torch.ones((), dtype=torch.float32, device=w32.device)
     scale = (w32.abs().amax() / FP8_MAX).clamp(min=1e-12)
     return (w32 / scale).to(FP8), scale
 

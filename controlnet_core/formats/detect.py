@@ -27,6 +27,7 @@ CONTROL_LORA = "control-lora"
 UNION = "controlnet-union"
 LLLITE = "controlnet-lllite"
 CONTROLNEXT = "controlnext"
+FLUX = "flux-controlnet"
 OTHER = "other"  # recognised, named, not run by this pack (Flux, SD3, style adapters, ...)
 
 # ControlNet layouts (`Detected.layout` of the controlnet family).
@@ -70,15 +71,14 @@ def _other_family(keys: set[str]) -> Detected | None:
         return Detected(UNION, DIFFUSERS, "a ControlNet Union / ProMax (xinsir)")
     if has("controlnet_blocks.0.y_rms.weight"):
         return Detected(OTHER, "", "a Qwen-Image block-wise ControlNet (DiffSynth)")
-    if has("controlnet_blocks.0.linear.weight"):
-        return Detected(OTHER, "", "a Flux ControlNet (MistoLine)")
+    if has("controlnet_blocks.0.linear.weight") and has("img_in.weight") and has("input_cond_block.encoder.0.weight"):
+        return Detected(FLUX, "mistoline", "a Flux ControlNet (pixel hint)")  # TheMisto's MistoLine
     if has("controlnet_blocks.0.weight") or _any(keys, lambda k: k.startswith("controlnet_blocks.")):
-        if has("double_blocks.0.img_attn.norm.key_norm.scale"):
-            return Detected(OTHER, "", "a Flux ControlNet (XLabs)")
-        if has("controlnet_x_embedder.weight"):
-            return Detected(OTHER, "", "a Flux ControlNet (InstantX/Shakker)")
-        if has("transformer_blocks.0.img_mlp.net.0.proj.weight"):
+        if has("transformer_blocks.0.img_mlp.net.0.proj.weight"):  # before Flux: Qwen also has img_in
             return Detected(OTHER, "", "a Qwen-Image ControlNet (InstantX)")
+        flux = _flux_layout(keys)
+        if flux is not None:
+            return flux
         if has("pos_embed_input.proj.weight"):
             return Detected(OTHER, "", "an SD3 / SD3.5 ControlNet")
         return Detected(OTHER, "", "a DiT ControlNet (SD3 / Flux family)")
@@ -97,6 +97,24 @@ def _other_family(keys: set[str]) -> Detected | None:
     if has(ORIGINAL_PREFIX + "zero_convs.0.0.weight") and has("difference"):
         return Detected(OTHER, "", "a Diff-ControlNet (weights stored as a difference to the base model)")
     return None
+
+
+def _flux_layout(keys: set[str]) -> Detected | None:
+    """A Flux ControlNet, told by what it is rather than by its block names (ComfyUI builds a
+    latent net re-saved with BFL names as XLabs, and XLabs' diffusers files as latent nets):
+    the pixel stem `input_hint_block` makes it XLabs-style (pixel hint), else the hint is a latent."""
+    diffusers = "controlnet_x_embedder.weight" in keys and (
+        "x_embedder.weight" in keys or _any(keys, lambda k: k.startswith(("transformer_blocks.", "single_transformer_blocks.")))
+    )
+    native = "img_in.weight" in keys and "pos_embed_input.weight" in keys and (
+        "double_blocks.0.img_attn.norm.key_norm.scale" in keys or "single_blocks.0.linear1.weight" in keys
+    )
+    if not (diffusers or native):
+        return None
+    pixel = _any(keys, lambda k: k.startswith("input_hint_block."))
+    hint = "pixel hint" if pixel else "latent hint"
+    layout = "diffusers" if diffusers else "xlabs" if pixel else "native"
+    return Detected(FLUX, layout, f"a Flux ControlNet ({hint})")
 
 
 def _not_a_controlnet(keys: set[str]) -> str | None:
