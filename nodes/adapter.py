@@ -23,6 +23,7 @@ copied, where the dtype allows); other families then get a plain error.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import threading
@@ -36,6 +37,7 @@ from torch import nn
 from ..controlnet_core import fast
 from ..controlnet_core.control import ControlSettings, default_global_pool, with_control_type
 from ..controlnet_core.errors import ControlNetError, InputError, LoadError, UnsupportedFamilyError
+from ..controlnet_core.formats.files import read_header
 from ..controlnet_core.hint import to_bchw
 from ..controlnet_core.loader import inspect_controlnet, load_controlnet
 from .control_object import (
@@ -312,6 +314,20 @@ def _dtype_and_devices() -> tuple[torch.dtype, Any, Any, bool]:
 _FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu") if hasattr(torch, n))
 
 
+def _stored_in_fp8(path: str) -> bool:
+    """Whether most of a file's float weights are float8_e4m3fn, from its header (False when the
+    header cannot be read: the load then says what is wrong)."""
+    try:
+        header = read_header(path)[0]
+    except Exception:
+        return False
+    sizes: dict[torch.dtype, int] = {}
+    for info in header.values():
+        if info.dtype is not None and info.dtype.is_floating_point:
+            sizes[info.dtype] = sizes.get(info.dtype, 0) + math.prod(info.shape)
+    return bool(sizes) and max(sizes, key=sizes.get) == getattr(torch, "float8_e4m3fn", None)
+
+
 def _make_handle(net: nn.Module, name: str, load_device: Any, offload_device: Any) -> NetHandle:
     import comfy.model_patcher
     from comfy.patcher_extension import CallbacksMP
@@ -329,16 +345,22 @@ def load_control(name: str) -> Any:
     import comfy.ops
 
     dtype, load_device, offload_device, fp8 = _dtype_and_devices()
+    # An fp8 file is read into fp16, which holds e4m3 values exactly, not into the compute dtype:
+    # half the peak of an fp32 copy while the weights are stored as fp8 again (below)
+    fp8_file = fast.fp8_supported() and _stored_in_fp8(path)
+    load_dtype = torch.float16 if fp8_file else dtype
     try:
-        net = load_controlnet(path, device=offload_device, dtype=dtype, ops=comfy.ops.disable_weight_init, name=name)
+        net = load_controlnet(path, device=offload_device, dtype=load_dtype, ops=comfy.ops.disable_weight_init,
+                              name=name)
         if fp8 and getattr(net, "fast_path_net", None) is net:  # a plain ControlNet (fp8 storage is the runner's)
             fast.prepare(net, fp8=True)
-        elif getattr(net, "host", None) is not None and fast.fp8_supported() and (
-                fp8 or net.checkpoint_dtype in _FP8_DTYPES):
+        elif getattr(net, "host", None) is not None and (fp8 or fp8_file):
             # DiT nets are big (a Flux Union: 3.3 B parameters): an fp8 file stays fp8 in memory (its
             # values kept exactly), and --fp8_e4m3fn-unet stores a bf16/fp16 file as fp8; each layer
             # upcasts its weight to the compute dtype when it runs
             fast.prepare(net, fp8=True)
+        if load_dtype != dtype:
+            net.to(dtype)  # fp8-stored layers keep their payload and take the compute dtype
     except UnsupportedFamilyError as e:
         raise UnsupportedFamilyError(f"{e}. ComfyUI's own 'Load ControlNet Model' node may load it") from None
     except ControlNetError:
