@@ -315,8 +315,11 @@ _FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", 
 
 
 def _stored_in_fp8(path: str) -> bool:
-    """Whether most of a file's float weights are float8_e4m3fn, from its header (False when the
-    header cannot be read: the load then says what is wrong)."""
+    """Whether most of a safetensors file's float weights are float8_e4m3fn, from its header (False
+    for other containers, where reading the header can mean unpickling the file, and when the header
+    cannot be read: the load then says what is wrong)."""
+    if not str(path).lower().endswith((".safetensors", ".sft")):
+        return False
     try:
         header = read_header(path)[0]
     except Exception:
