@@ -7,9 +7,10 @@ diffusers' layout as bf16 and as float8_e4m3fn, with diffusers' class (this venv
 a fresh process of ComfyUI's interpreter (`--comfyui`, `--python`) with `--cpu`: it loads the file
 with ComfyUI's `comfy.controlnet.load_controlnet` (built-in) or our pack's `load_control` (ours; the
 pack loaded by ComfyUI's own `load_custom_node`), records the peak resident size above the size
-before the load (ru_maxrss; the weights touched once, as the first step would), then times
-`get_control` (hint encoded once by a fixed stand-in VAE, union mode 2, CFG batch 2, 32x32 latent =
-256 image tokens, 8 text tokens) over `--repeats` calls.
+before the load (ru_maxrss; the weights touched once, as the first step would). A third process per
+file loads both and times `get_control` (hint encoded once by a fixed stand-in VAE, union mode 2,
+CFG batch 2, 32x32 latent = 256 image tokens, 8 text tokens) over `--repeats` calls, the two paths
+alternated so that other load on a shared machine hits both alike.
 
     .venv/bin/python benchmarks/bench_flux.py --comfyui /path/to/ComfyUI --python /path/to/comfyui-venv/bin/python
 """
@@ -54,41 +55,54 @@ class FakeVAE:
     def encode(self, pixels):
         return torch.einsum("oc,bchw->bohw", self.proj, torch.nn.functional.avg_pool2d(pixels.movedim(-1, 1) * 2 - 1, 8))
 
-before = rss_now()
-t0 = time.perf_counter()
-if which == "builtin":
-    obj = comfy.controlnet.load_controlnet(path)
-    obj.set_extra_arg("control_type", [2])
-    net = obj.control_model
-else:
+def load(which):
+    if which == "builtin":
+        obj = comfy.controlnet.load_controlnet(path)
+        obj.set_extra_arg("control_type", [2])
+        return obj, obj.control_model
     obj = adapter.load_control(os.path.basename(path))
     obj.extra_args = {"control_type": [2]}
-    net = obj.handle.net
-load_s = time.perf_counter() - t0
-with torch.no_grad():
-    for p in net.parameters():
-        p.float().sum()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-held = {}
-for t in [*net.parameters(), *net.buffers()]:
-    held[str(t.dtype)] = held.get(str(t.dtype), 0) + t.numel() * t.element_size()
-stored = sum(held.values())
+    return obj, obj.handle.net
+
+if which != "both":  # the load alone, in a fresh process
+    before = rss_now()
+    t0 = time.perf_counter()
+    obj, net = load(which)
+    load_s = time.perf_counter() - t0
+    with torch.no_grad():
+        for p in net.parameters():
+            p.float().sum()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    held = {}
+    for t in [*net.parameters(), *net.buffers()]:
+        held[str(t.dtype)] = held.get(str(t.dtype), 0) + t.numel() * t.element_size()
+    print(json.dumps({"load_s": load_s, "peak": peak, "stored": sum(held.values()), "dtype": max(held, key=held.get),
+                      "torch": torch.__version__}))
+    raise SystemExit(0)
+
+# both paths in one process, calls alternated, so that other load on the machine hits both alike
 g = torch.Generator().manual_seed(0)
-c = obj.copy().set_cond_hint(torch.rand(1, 3, 256, 256, generator=g), 0.8, (0.0, 1.0), vae=FakeVAE())
-c.pre_run(model, ms.percent_to_sigma)
+hint = torch.rand(1, 3, 256, 256, generator=g)
 x = torch.randn(2, 16, 32, 32, generator=g)
 cond = {"c_crossattn": torch.randn(2, 8, 4096, generator=g), "y": torch.randn(2, 768, generator=g),
         "guidance": torch.full((2,), 3.5)}
 sigma = torch.full((2,), 0.5)
-times = []
+controls = {}
+for w in ("builtin", "ours"):
+    obj, _ = load(w)
+    c = obj.copy().set_cond_hint(hint, 0.8, (0.0, 1.0), vae=FakeVAE())
+    c.pre_run(model, ms.percent_to_sigma)
+    controls[w] = c
+times = {w: [] for w in controls}
 with torch.no_grad():
-    c.get_control(x, sigma, cond, 2, {"cond_or_uncond": [0, 1]})  # warm-up (and the hint's one encode)
+    for w, c in controls.items():
+        c.get_control(x, sigma, cond, 2, {"cond_or_uncond": [0, 1]})  # warm-up (and the hint's one encode)
     for _ in range(int(repeats)):
-        t1 = time.perf_counter()
-        c.get_control(x, sigma, cond, 2, {"cond_or_uncond": [0, 1]})
-        times.append(time.perf_counter() - t1)
-print(json.dumps({"load_s": load_s, "peak": peak, "stored": stored, "call_s": sorted(times)[len(times) // 2],
-                  "dtype": max(held, key=held.get), "torch": torch.__version__}))
+        for w, c in controls.items():
+            t1 = time.perf_counter()
+            c.get_control(x, sigma, cond, 2, {"cond_or_uncond": [0, 1]})
+            times[w].append(time.perf_counter() - t1)
+print(json.dumps({w: sorted(v)[len(v) // 2] for w, v in times.items()}))
 """
 
 MAKE = r"""
@@ -118,25 +132,29 @@ def main() -> None:
         params = int(subprocess.run([sys.executable, "-c", MAKE, tmp, str(ROOT / "tests")], check=True,
                                     capture_output=True, text=True).stdout.split()[-1])
         rows = []
+        calls = {}
         for tag in ("bf16", "fp8"):
             path = Path(tmp) / f"flux-union-1-1-{tag}.safetensors"
-            for which in ("builtin", "ours"):
+            for which in ("builtin", "ours", "both"):
                 out = subprocess.run([args.python, "-c", CHILD, args.comfyui, str(ROOT), str(path), which,
                                       str(args.repeats)], capture_output=True, text=True, cwd=tmp)
                 if out.returncode:
                     print(out.stderr[-2000:], file=sys.stderr)
                     raise SystemExit(out.returncode)
                 r = json.loads(out.stdout.strip().splitlines()[-1])
-                rows.append((tag, path.stat().st_size, which, r))
+                if which == "both":
+                    calls[tag] = r
+                else:
+                    rows.append((tag, path.stat().st_size, which, r))
     print(f"machine: {machine()}; torch {rows[0][3]['torch']}; Flux Union ControlNet, full width, 1 + 1 blocks, "
-          f"{params / 1e6:.0f} M parameters; get_control at a 32x32 latent, CFG batch 2, median of {args.repeats}")
+          f"{params / 1e6:.0f} M parameters; get_control at a 32x32 latent, CFG batch 2, median of {args.repeats} "
+          "(the two paths alternated in one process)")
     print()
     print("| file | path | weights held as | weights in memory | load peak above start | load s | control call s |")
     print("|---|---|---|---|---|---|---|")
     for tag, size, which, r in rows:
         print(f"| {tag} ({size / 2**20:.0f} MiB) | {which} | {r['dtype'].removeprefix('torch.')} | "
-              f"{r['stored'] / 2**20:.0f} MiB | {r['peak'] / 2**20:.0f} MiB | {r['load_s']:.1f} | {r['call_s']:.2f} |")
-
+              f"{r['stored'] / 2**20:.0f} MiB | {r['peak'] / 2**20:.0f} MiB | {r['load_s']:.1f} | {calls[tag][which]:.2f} |")
 
 if __name__ == "__main__":
     main()

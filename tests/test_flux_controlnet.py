@@ -347,6 +347,11 @@ def test_fp8_file_keeps_fp8_storage_exactly(tmp_path):
     inp = inputs()
     for a, b in zip(sum(_ours(stored, inp), []), sum(_ours(upcast, inp), [])):
         assert torch.equal(a, b)
+    # the adapter's way (half the load peak): read into fp16 (exact for e4m3), store fp8, then compute in fp32
+    via16 = fast.prepare(load_controlnet(tmp_path / "cn-fp8.safetensors", dtype=torch.float16), fp8=True).to(torch.float32)
+    assert via16.dtype == torch.float32 and via16.double_blocks[0].img_attn.qkv.weight_fp8.dtype == torch.float8_e4m3fn
+    for a, b in zip(sum(_ours(via16, inp), []), sum(_ours(upcast, inp), [])):
+        assert torch.equal(a, b)
 
 
 def test_mistoline_layout_is_read():
