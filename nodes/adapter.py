@@ -442,8 +442,6 @@ def load_control(name: str) -> Any:
             # runs. An fp8 file needs nothing here: it is already stored as it is (storage dtype e4m3,
             # manual-cast layers, _dtype_and_devices), its values kept exactly
             fast.prepare(net, fp8=True)
-        if load_dtype != dtype:
-            net.to(dtype)  # fp8-stored layers keep their payload and take the compute dtype
     except UnsupportedFamilyError as e:
         raise UnsupportedFamilyError(f"{e}. ComfyUI's own 'Load ControlNet Model' node may load it") from None
     except ControlNetError:
