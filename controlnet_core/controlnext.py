@@ -55,7 +55,7 @@ from .formats import controlnext as fmt
 from .formats.detect import Detected
 from .formats.source import Source, StateDict, assign_weights
 from .host import FEATURE, HostWeights, Outputs
-from .layers import DEFAULT_OPS, timestep_embedding
+from .layers import DEFAULT_OPS, ComputeDtype, timestep_embedding
 
 EPS = 1e-12  # all three image variants (SVD uses 1e-5; not supported)
 TIME_DIM, TIME_EMBED_DIM = 128, 256
@@ -136,7 +136,7 @@ class TimeEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(t_emb)))
 
 
-class ControlNeXt(nn.Module):
+class ControlNeXt(ComputeDtype, nn.Module):
     """One ControlNeXt module (either layout; the file's key names); implements `control.ControlModel`."""
 
     family = "ControlNeXt"
@@ -181,7 +181,7 @@ class ControlNeXt(nn.Module):
     # ---- what the runtime reads ---------------------------------------------------------------
 
     @property
-    def dtype(self) -> torch.dtype:
+    def storage_dtype(self) -> torch.dtype:
         return self.time_embedding.linear_1.weight.dtype
 
     @property
