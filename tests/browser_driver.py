@@ -295,6 +295,7 @@ def run(config: dict) -> dict:
             page.wait_for_timeout(300)
             page.screenshot(path=str(out / f"{name}_canvas.png"), clip=_graph_clip(entry["graph_after_preview"]))
             page.evaluate(OVERLAYS, "visible")
+            entry["console"] = list(console)
             if pre:  # a request the server refuses: the sentence shows in the node, not in the console
                 original = page.evaluate(f"() => window.app.graph.getNodeById({pre[0]}).widgets"
                                          ".find((w) => w.name === 'method').value")
@@ -303,7 +304,8 @@ def run(config: dict) -> dict:
                 entry["error_preview"] = _press_preview(page, pre[0], vue)
                 page.screenshot(path=str(out / f"{name}_error.png"))
                 page.evaluate(SET_METHOD, [pre[0], original])
-            entry["console"] = list(console)
+            # the refused preview's own lines (Chromium logs every 4xx answer as "Failed to load resource")
+            entry["console_refused_preview"] = console[len(entry["console"]):]
             entry["deprecations"] = page.evaluate("() => window.cncoreDeprecations")
             result["workflows"][name] = entry
 

@@ -52,6 +52,7 @@ PLAYWRIGHT_PYTHON = os.environ.get("PLAYWRIGHT_PYTHON", COMFYUI_PYTHON)
 NEW_FRONT_END = os.environ.get("CNCORE_NEW_FRONTEND_ROOT", "")  # <target>/comfyui_frontend_package/static
 MODULE = "comfyui-controlnet-core"  # the pack's folder name in custom_nodes/ (the template browser's category)
 OUR_SCRIPTS = f"/extensions/{MODULE}/"  # where the front end serves web/ from
+OUR_ROUTES = "/cncore/"  # nodes/routes.py (a non-2xx answer is logged by the browser with its URL)
 # Console lines of the front end itself that mention words we look for; filtered by name. (None today:
 # the newer front end's errors about /api/jobs, which ComfyUI 0.3.64 lacks, name neither us nor web/.)
 FRONT_END_NOISE = ("/api/jobs", "[Jobs API]")
@@ -228,7 +229,7 @@ def _pack_errors(console: list[dict], deprecations: list[dict] | None = None) ->
     ours = [f"{c['type']}: {c['text']} ({c.get('url', '')})" for c in console
             if c["type"] in ("error", "warning", "pageerror")
             and (any(k in c["text"] for k in ("cncore", "CNCore", "controlnet-core", "controlnet_core"))
-                 or OUR_SCRIPTS in c.get("url", ""))
+                 or OUR_SCRIPTS in c.get("url", "") or OUR_ROUTES in c.get("url", ""))
             and not any(k in c["text"] for k in FRONT_END_NOISE)]
     return ours + [f"deprecated: {d['message']}\n{d['stack']}" for d in deprecations or [] if OUR_SCRIPTS in d["stack"]]
 
@@ -357,9 +358,12 @@ def test_preprocessor_shows_the_widgets_of_its_method_and_previews(page_report, 
     for n in entry["graph_after_preview"]["nodes"]:
         room = tw.PREVIEW_ROOM.get(n["type"], 0)
         assert n["dom"] or n["rect"][3] - 30 <= saved[str(n["id"])]["size"][1] + room + 1, (n["title"], n["rect"])
-    # a refused request (inpaint without a mask): the server's sentence in the node, no image
+    # a refused request (inpaint without a mask): the server's sentence in the node, no image; in the
+    # console only the browser's own line for the 400 answer (no page can silence it), nothing of ours
     err = entry["error_preview"]
     assert "needs a mask" in err["text"] and not err["shown"], err
+    refused = _pack_errors(entry["console_refused_preview"])
+    assert all("status of 400" in line and "/cncore/preview" in line for line in refused), refused
 
 
 @pytest.mark.parametrize("name", [p.stem for p in tw.UI_FILES])
