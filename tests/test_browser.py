@@ -389,6 +389,9 @@ def test_template_browser_finds_every_thumbnail(page_report):
     asked = {unquote(u.rsplit("/", 1)[-1]): s for s, u in t["responses"] if u.endswith(".jpg")}
     assert {f"{p.stem}.jpg" for p in tw.UI_FILES} <= set(asked), asked
     assert all(s == 200 for s in asked.values()), asked
-    assert _pack_errors(t["console"], t["deprecations"]) == [] and not [c for c in t["console"] if "404" in c["text"]]
+    # no thumbnail of ours missing (a newer front end also asks 0.3.64's template package for a
+    # /templates/index_logo.json it lacks: the front end's own 404, not ours)
+    missing = [c for c in t["console"] if "404" in c["text"] and "/templates/index_logo.json" not in c.get("url", "")]
+    assert _pack_errors(t["console"], t["deprecations"]) == [] and not missing, missing
     # the category carries the pack's name from locales/en/main.json (the cards only their file names)
     assert t["category_shown"]
