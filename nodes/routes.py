@@ -2,6 +2,7 @@
 
     POST /cncore/preview      JSON -> PNG: a preprocessor's hint for an image, without queueing
     GET  /cncore/model_info   ?name=<file in the controlnet folders> -> JSON: family, base model, layout
+                              (`found: false` and a label saying so for a file that is not there)
 
 Inside ComfyUI, `register()` adds them to `PromptServer.instance.routes` (ComfyUI serves each at
 `/path` and `/api/path`). The handlers are plain aiohttp handlers: tests mount `routes()` on a bare
@@ -56,6 +57,7 @@ MAX_RESOLUTION = 2048
 PREVIEW_TIMEOUT_S = 30.0
 MAX_REQUEST_BYTES = 64 * 1024
 SENTINEL_RGB = (255, 0, 255)  # how inpaint's masked pixels (exactly -1) are drawn
+NOT_FOUND_LABEL = "file not found in models/controlnet"  # the loader's label for a file not downloaded yet
 
 WEIGHTS_HEADER = "X-CNCore-Weights"
 # Previews waiting for the one preview thread (networks take seconds on a CPU); more get a 429.
@@ -290,15 +292,16 @@ async def model_info(request: web.Request) -> web.Response:
     except LoadError as e:
         return _error(400, str(e))
     if name not in adapter.controlnet_names():
-        return _error(404, f"{name!r} is not in ComfyUI's controlnet model folders; put the file there and press "
-                           "Refresh (R)")
+        # Not downloaded yet: an expected state (ComfyUI's Missing Models dialog names the file), so an
+        # answer, not an error status the browser would log as a console error for every such loader.
+        return web.json_response({"name": name, "found": False, "supported": False, "label": NOT_FOUND_LABEL})
     try:
         info = await asyncio.get_running_loop().run_in_executor(None, adapter.model_info, name)
     except LoadError as e:
         return _error(422, str(e))
     except OSError as e:
         return _error(422, f"{name}: the file could not be read ({e})")
-    return web.json_response(info)
+    return web.json_response({**info, "found": True})
 
 
 # ------------------------------------------------------------------------------------------

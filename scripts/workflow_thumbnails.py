@@ -2,7 +2,7 @@
 
     CNCORE_SCREENSHOTS=/tmp/shots COMFYUI_PATH=... COMFYUI_PYTHON=... \\
         flock /tmp/comfyui.lock .venv/bin/python -m pytest tests/test_browser.py
-    python scripts/workflow_thumbnails.py /tmp/shots
+    python scripts/workflow_thumbnails.py /tmp/shots/pinned   # the pinned front end's captures
 
 tests/test_browser.py saves `<name>_canvas.png` for every workflow: the canvas of ComfyUI's front end
 after the workflow was dropped on it and its Preprocessors' "Preview hint" pressed (the hint shows in

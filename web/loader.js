@@ -17,6 +17,12 @@ async function describe(name) {
         const r = await api.fetchApi(`/cncore/model_info?name=${encodeURIComponent(name)}`);
         const body = await r.json();
         if (!r.ok) return { text: body.error ?? `no information (HTTP ${r.status})`, warn: true };
+        // Not downloaded yet is an expected state (ComfyUI's Missing Models dialog names the file):
+        // say so in the node's normal colour, and ask again once the file is there
+        if (body.found === false) {
+          known.delete(name);
+          return { text: body.label, warn: false };
+        }
         return { text: body.label, warn: !body.supported };
       } catch (e) {
         known.delete(name); // try again next time
@@ -27,18 +33,27 @@ async function describe(name) {
   return known.get(name);
 }
 
+// The label always takes LINES lines (the longest label, "ControlNet Union / ProMax (xinsir) · SDXL ·
+// diffusers", takes two at the default width); longer text is cut with an ellipsis and shown whole
+// as the tooltip. So the node's size never depends on the answer, nor on whether the file is there:
+// the sizes saved in workflows/*.json are the ones the user sees (tests/test_browser.py).
+const LINES = 2;
+const LINE_H = 16;
+const MARGIN = 4; // the front end insets a DOM widget by its margin on every side
+const LABEL_HEIGHT = LINES * LINE_H + 4 + 2 * MARGIN;
+
 function addLabel(node) {
   const label = document.createElement("div");
-  label.style.cssText = "font:12px sans-serif;line-height:16px;padding:0 4px;white-space:normal;"
-    + "overflow:hidden;color:var(--descrip-text,#aaa)";
-  const MARGIN = 4; // the front end insets a DOM widget by its margin on every side
-  const state = { height: 20 + 2 * MARGIN };
+  label.style.cssText = `font:12px sans-serif;line-height:${LINE_H}px;padding:0 4px;white-space:normal;`
+    + `overflow:hidden;text-overflow:ellipsis;display:-webkit-box;-webkit-box-orient:vertical;`
+    + `-webkit-line-clamp:${LINES};line-clamp:${LINES};max-height:${LINES * LINE_H}px;overflow-wrap:anywhere;`
+    + "color:var(--descrip-text,#aaa)";
   const widget = node.addDOMWidget("cncore_model_info", "cncore-model-info", label, {
     serialize: false,
     hideOnZoom: false,
     margin: MARGIN,
-    getMinHeight: () => state.height,
-    getMaxHeight: () => state.height,
+    getMinHeight: () => LABEL_HEIGHT,
+    getMaxHeight: () => LABEL_HEIGHT,
   });
   widget.serialize = false;
   const update = async () => {
@@ -48,10 +63,6 @@ function addLabel(node) {
     label.textContent = text;
     label.title = text;
     label.style.color = warn ? "var(--error-text,#f77)" : "var(--descrip-text,#aaa)";
-    const width = Math.max(64, node.size[0] - 28);
-    state.height = Math.max(20, 16 * Math.ceil((text.length * 6.5) / width) + 4) + 2 * MARGIN;
-    const [, h] = node.computeSize();
-    node.setSize([node.size[0], h]);
     node.setDirtyCanvas?.(true, true);
   };
   return update;

@@ -23,9 +23,22 @@ function hideWidget(node, widget, hide) {
   else delete widget.computeSize;
 }
 
+// Connectivity through the node's own methods where the front end has them (newer ones deprecate
+// reading `input.link`, and warn on it); the plain field where it does not.
+function isConnected(node, slot) {
+  if (typeof node.isInputConnected === "function") return node.isInputConnected(slot);
+  return node.inputs?.[slot]?.link != null;
+}
+
+function inputLink(node, slot) {
+  if (slot == null || slot < 0 || !isConnected(node, slot)) return null;
+  if (typeof node.getInputLink === "function") return node.getInputLink(slot) ?? null;
+  return linkOf(node.graph, node.inputs[slot].link) ?? null;
+}
+
 function isLinked(node, name) {
-  const slot = node.inputs?.find((i) => i.widget?.name === name || i.name === name);
-  return slot?.link != null;
+  const slot = node.inputs?.findIndex((i) => i.widget?.name === name || i.name === name) ?? -1;
+  return slot >= 0 && isConnected(node, slot);
 }
 
 function relayout(node) {
@@ -55,12 +68,11 @@ function linkOf(graph, id) {
 
 function sourceOf(node, inputName) {
   const slot = node.findInputSlot?.(inputName) ?? node.inputs?.findIndex((i) => i.name === inputName);
-  if (slot == null || slot < 0 || node.inputs[slot]?.link == null) return null;
-  const link = linkOf(node.graph, node.inputs[slot].link);
+  const link = inputLink(node, slot);
   let origin = link ? node.graph.getNodeById(link.origin_id) : null;
   let originSlot = link?.origin_slot;
   for (let hops = 0; origin && origin.type === "Reroute" && hops < 32; hops++) { // old reroute nodes
-    const l = origin.inputs?.[0]?.link != null ? linkOf(node.graph, origin.inputs[0].link) : null;
+    const l = inputLink(origin, 0);
     origin = l ? node.graph.getNodeById(l.origin_id) : null;
     originSlot = l?.origin_slot;
   }
