@@ -160,7 +160,7 @@ def test_twenty_concurrent_previews_one_at_a_time_loop_stays_responsive(comfy, m
         return r.status, ping, answers
 
     status, ping, answers = serve(fn)
-    assert status == 404 and ping < 2.0  # the event loop answered during the burst
+    assert status == 200 and ping < 2.0  # the event loop answered during the burst (model_info: a missing file is data, 200)
     codes = [s for s, _ in answers]
     assert set(codes) <= {200, 429} and codes.count(200) >= 1, codes
     assert codes.count(200) <= routes.MAX_WAITING + 1
