@@ -345,13 +345,15 @@ def test_fp8_file_keeps_fp8_storage_exactly(tmp_path):
     assert torch.equal(layer.weight, upcast.double_blocks[0].img_attn.qkv.weight)
     assert fast.weight_bytes(stored) < 0.3 * fast.weight_bytes(upcast)  # fp8 against fp32: about a quarter
     inp = inputs()
+    # the weights are bitwise equal (above); the outputs may differ in the last bits where oneDNN's
+    # reduction order depends on the thread count (equal with one thread, 1e-7-level with two)
     for a, b in zip(sum(_ours(stored, inp), []), sum(_ours(upcast, inp), [])):
-        assert torch.equal(a, b)
+        assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-6
     # the adapter's way (half the load peak): read into fp16 (exact for e4m3), store fp8, then compute in fp32
     via16 = fast.prepare(load_controlnet(tmp_path / "cn-fp8.safetensors", dtype=torch.float16), fp8=True).to(torch.float32)
     assert via16.dtype == torch.float32 and via16.double_blocks[0].img_attn.qkv.weight_fp8.dtype == torch.float8_e4m3fn
     for a, b in zip(sum(_ours(via16, inp), []), sum(_ours(upcast, inp), [])):
-        assert torch.equal(a, b)
+        assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-6
 
 
 def test_mistoline_layout_is_read():
