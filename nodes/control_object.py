@@ -244,19 +244,25 @@ def token_grid(extra_options: dict, tokens: int) -> tuple[int, int]:
     )
 
 
-def add_attention_patches(transformer_options: dict | None, patches: dict, name: str) -> None:
-    """Register `patches` for this model call only (module docstring)."""
+def _append_call_patches(transformer_options: dict | None, entries: dict, name: str, what: str) -> None:
+    """Append `entries` ({ComfyUI patch list name: fn}) to this model call's patches only (module
+    docstring): a copy of the patches dict, so the model's own lists are never extended."""
     if transformer_options is None:
         raise ControlNetError(
-            f"{name!r} patches the UNet's attention, but this ComfyUI passes no transformer_options to control "
-            "objects; update ComfyUI"
+            f"{name!r} {what}, but this ComfyUI passes no transformer_options to control objects; update ComfyUI"
         )
-    p = AttentionPatches(patches)
     old = transformer_options.get("patches") or {}
     new = dict(old)
-    new["attn1_patch"] = [*old.get("attn1_patch", []), p.attn1]
-    new["attn2_patch"] = [*old.get("attn2_patch", []), p.attn2]
+    for kind, fn in entries.items():
+        new[kind] = [*old.get(kind, []), fn]
     transformer_options["patches"] = new
+
+
+def add_attention_patches(transformer_options: dict | None, patches: dict, name: str) -> None:
+    """Register `patches` for this model call only (module docstring)."""
+    p = AttentionPatches(patches)
+    _append_call_patches(transformer_options, {"attn1_patch": p.attn1, "attn2_patch": p.attn2}, name,
+                         "patches the UNet's attention")
 
 
 class FeaturePatches:
@@ -277,19 +283,13 @@ class FeaturePatches:
 
 def add_feature_patches(transformer_options: dict | None, features: dict, name: str) -> None:
     """Register feature additions for this model call only (module docstring)."""
-    if transformer_options is None:
-        raise ControlNetError(
-            f"{name!r} adds to a UNet feature, but this ComfyUI passes no transformer_options to control objects; "
-            "update ComfyUI"
-        )
     p = FeaturePatches(features)
-    old = transformer_options.get("patches") or {}
-    new = dict(old)
+    entries = {}
     if any(kind == "input" for kind, _ in features):
-        new["input_block_patch_after_skip"] = [*old.get("input_block_patch_after_skip", []), p.after_skip]
+        entries["input_block_patch_after_skip"] = p.after_skip
     if ("middle", 0) in features:
-        new["output_block_patch"] = [*old.get("output_block_patch", []), p.output_block]
-    transformer_options["patches"] = new
+        entries["output_block_patch"] = p.output_block
+    _append_call_patches(transformer_options, entries, name, "adds to a UNet feature")
 
 
 def model_family(model: Any) -> tuple[int | None, int | None, str]:
